@@ -1,0 +1,5 @@
+"""Run the sabot command: python -m sabot."""
+
+from sabot.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The runtime that executes dataflows, and the pool of local agent processes."""

@@ -1,0 +1,55 @@
+"""Turn one partition's fetched records into an Arrow record batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from sabot.codecs import Codec, Decoded
+
+TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
+
+
+def record_columns(records: Sequence) -> tuple[list, pa.Array, np.ndarray, pa.Array]:
+    """Return values, keys, offsets and timestamps of aiokafka ConsumerRecords."""
+    values = [r.value for r in records]
+    keys = pa.array([r.key for r in records], type=pa.binary())
+    offsets = np.fromiter((r.offset for r in records), dtype=np.int64, count=len(records))
+    timestamps = pa.array(np.fromiter((r.timestamp for r in records), dtype=np.int64,
+                                      count=len(records))).cast(TIMESTAMP_TYPE)
+    return values, keys, offsets, timestamps
+
+
+def build_batch(records: Sequence, partition: int, codec: Codec) -> tuple[pa.RecordBatch,
+                                                                          Decoded, np.ndarray]:
+    """Decode ``records`` and add the ``_key``, ``_partition``, ``_offset``, ``_timestamp``
+    columns; return the batch, the codec's result and the records' offsets."""
+    values, keys, offsets, timestamps = record_columns(records)
+    decoded = codec.decode(values)
+    batch = decoded.batch
+    rows = decoded.rows_from
+    whole = len(rows) == len(records) and not decoded.errors and \
+        (len(rows) == 0 or rows[-1] == len(rows) - 1)
+    if whole:
+        meta_keys, meta_offsets, meta_times = keys, offsets, timestamps
+    else:
+        take = pa.array(rows, type=pa.int64())
+        meta_keys = keys.take(take)
+        meta_offsets = offsets[rows]
+        meta_times = timestamps.take(take)
+    columns = list(batch.columns)
+    names = list(batch.schema.names)
+    # Metadata columns replace value fields of the same name.
+    for name, column in (("_key", meta_keys),
+                         ("_partition", pa.array(np.full(len(rows), partition, np.int32))),
+                         ("_offset", pa.array(meta_offsets)),
+                         ("_timestamp", meta_times)):
+        if name in names:
+            index = names.index(name)
+            del names[index]
+            del columns[index]
+        names.append(name)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, names), decoded, offsets

@@ -1,0 +1,112 @@
+"""The ``sabot`` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from sabot import __version__
+from sabot.errors import SabotError
+
+logger = logging.getLogger(__name__)
+
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="sabot")
+def main() -> None:
+    """Sabot: Kafka-native stream processing on Arrow record batches."""
+
+
+@main.command()
+@click.option("-A", "--app", "app_path", required=True, metavar="MODULE[:ATTR]",
+              help="The app to run: a module in the current folder, with the Sabot "
+                   "object's name after a colon (default 'app').")
+@click.option("--broker", metavar="URL", default=None,
+              help="Broker URL kafka://host:port[,host:port]; overrides the app's.")
+@click.option("--loglevel", "-l", type=LOG_LEVELS, default="info", show_default=True,
+              help="Log level of the sabot loggers.")
+@click.option("--agents", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes of this app to run on this machine, each a "
+                   "member of the app's consumer group.")
+def worker(app_path: str, broker: str | None, loglevel: str, agents: int) -> None:
+    """Run an app's dataflows until SIGINT or SIGTERM."""
+    from sabot.log import configure_logging
+
+    configure_logging(loglevel)
+    if agents > 1:
+        from sabot.agents.supervisor import supervise_workers
+
+        sys.exit(supervise_workers(app_path, broker, loglevel, agents))
+    sys.exit(run_worker(app_path, broker))
+
+
+def run_worker(app_path: str, broker: str | None) -> int:
+    """Load and run one worker; return the process exit status."""
+    from sabot.app.loader import load_app
+    from sabot.kafka.urls import parse_broker_url
+
+    try:
+        app = load_app(app_path)
+        if broker:
+            app.broker = broker
+            app.bootstrap_servers = parse_broker_url(broker)
+    except SabotError as exc:
+        click.echo(f"error: {exc}", err=True)
+        if exc.__cause__ is not None and "failed to import" in str(exc):
+            import traceback
+
+            traceback.print_exception(exc.__cause__)
+        return 2
+    try:
+        app.main()
+    except SabotError as exc:
+        logger.error("worker for app %s stopped: %s", app.id, exc)
+        return 1
+    except OSError as exc:
+        logger.error("worker for app %s stopped: %s", app.id, exc)
+        return 1
+    return 0
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=9092, show_default=True,
+              help="TCP port on 127.0.0.1; 0 picks a free one.")
+@click.option("--loglevel", "-l", type=LOG_LEVELS, default="info", show_default=True)
+def broker(port: int, loglevel: str) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, in memory) until Ctrl-C."""
+    import signal
+    import threading
+
+    from sabot.kafka.broker import EmbeddedBroker, free_port
+    from sabot.log import configure_logging
+
+    configure_logging(loglevel)
+    instance = EmbeddedBroker(port=port or free_port())
+    try:
+        instance.start()
+    except SabotError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"broker listening on {instance.url} (data is kept in memory); "
+               f"Ctrl-C stops it", err=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and instance.process and instance.process.poll() is None:
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exited = instance.process is not None and instance.process.poll() is not None
+        instance.stop()
+    if exited:
+        click.echo("error: the broker process exited unexpectedly", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

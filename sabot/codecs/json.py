@@ -1,0 +1,129 @@
+"""JSON values, decoded in bulk by Arrow's C++ JSON reader."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import orjson
+import pyarrow as pa
+import pyarrow.json as pajson
+
+from sabot import ext
+from sabot.codecs.base import Codec, Decoded, empty_batch, without_rows
+
+logger = logging.getLogger(__name__)
+
+
+class JsonCodec(Codec):
+    """One JSON object per message.
+
+    The values of a fetch are joined with newlines and parsed in one call
+    to ``pyarrow.json.read_json``. Only when that fails are the values
+    checked one by one, to find the malformed ones and parse the rest.
+    """
+
+    name = "json"
+
+    def __init__(self, schema: pa.Schema | None = None):
+        self.schema = schema
+
+    def decode(self, values: list[bytes | None]) -> Decoded:
+        bad = [(i, "empty value: expected a JSON object")
+               for i, value in enumerate(values) if not value]
+        good = values if not bad else [v for v in values if v]
+        if not good:
+            return Decoded(empty_batch(), without_rows(len(values), bad), bad)
+
+        batch = self._parse(good)
+        if batch is None:
+            return self._decode_slowly(values, bad)
+        return Decoded(batch, without_rows(len(values), bad), bad)
+
+    def _parse(self, values: list[bytes]) -> pa.RecordBatch | None:
+        data = b"\n".join(values)
+        # Pretty-printed values contain newlines between tokens; the reader
+        # then needs to be told that a newline does not end a record.
+        newlines_in_values = data.count(b"\n") != len(values) - 1
+        parse_options = pajson.ParseOptions(
+            explicit_schema=self.schema,
+            newlines_in_values=newlines_in_values,
+            unexpected_field_behavior="infer",
+        )
+        # One block for the whole fetch: types are inferred from all rows at
+        # once, so a column is never int in one block and double in the next.
+        read_options = pajson.ReadOptions(use_threads=False, block_size=len(data) + 1024)
+        try:
+            table = pajson.read_json(io.BytesIO(data), read_options=read_options,
+                                     parse_options=parse_options)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+        if table.num_rows != len(values):
+            return None
+        return _one_batch(table)
+
+    def _decode_slowly(self, values: list[bytes | None],
+                       bad: list[tuple[int, str]]) -> Decoded:
+        bad = list(bad)
+        known_bad = {i for i, _ in bad}
+        for i, value in enumerate(values):
+            if i in known_bad:
+                continue
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                bad.append((i, f"invalid JSON: {exc}"))
+                continue
+            if not isinstance(parsed, dict):
+                bad.append((i, f"expected a JSON object, got {type(parsed).__name__}"))
+        bad.sort()
+        rows = without_rows(len(values), bad)
+        good = [values[i] for i in rows]
+        if not good:
+            return Decoded(empty_batch(), rows, bad)
+        batch = self._parse(good)
+        if batch is not None:
+            return Decoded(batch, rows, bad)
+
+        # orjson accepted values that Arrow rejects (mixed types across rows,
+        # integers beyond int64): parse each alone and merge the schemas.
+        tables = []
+        kept = []
+        for i in rows:
+            one = self._parse([values[i]])
+            if one is None:
+                bad.append((int(i), "the JSON object cannot be converted to Arrow columns"))
+            else:
+                tables.append(pa.Table.from_batches([one]))
+                kept.append(int(i))
+        bad.sort()
+        if not tables:
+            return Decoded(empty_batch(), without_rows(len(values), bad), bad)
+        try:
+            table = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            logger.warning("JSON rows have types that cannot be merged: %s", exc)
+            first_schema = tables[0].schema
+            merged, kept2 = [], []
+            for index, table in zip(kept, tables):
+                if table.schema.equals(first_schema):
+                    merged.append(table)
+                    kept2.append(index)
+                else:
+                    bad.append((index, f"column types {table.schema} differ from "
+                                       f"the rest of the batch ({first_schema})"))
+            table = pa.concat_tables(merged)
+            bad.sort()
+        return Decoded(_one_batch(table), without_rows(len(values), bad), bad)
+
+    def encode(self, batch: pa.RecordBatch) -> list[bytes]:
+        return ext.encode_json_rows(batch)
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    table = table.combine_chunks()
+    batches = table.to_batches()
+    if len(batches) == 1:
+        return batches[0]
+    return pa.RecordBatch.from_pylist([], schema=table.schema) if not batches \
+        else table.to_batches(max_chunksize=table.num_rows)[0]
