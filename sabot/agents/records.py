@@ -7,27 +7,19 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from sabot.codecs import Codec, Decoded
-
-TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
-
-
-def record_columns(records: Sequence) -> tuple[list, pa.Array, np.ndarray, pa.Array]:
-    """Return values, keys, offsets and timestamps of aiokafka ConsumerRecords."""
-    values = [r.value for r in records]
-    keys = pa.array([r.key for r in records], type=pa.binary())
-    offsets = np.fromiter((r.offset for r in records), dtype=np.int64, count=len(records))
-    timestamps = pa.array(np.fromiter((r.timestamp for r in records), dtype=np.int64,
-                                      count=len(records))).cast(TIMESTAMP_TYPE)
-    return values, keys, offsets, timestamps
+from sabot import ext
+from sabot.codecs import Codec, Decoded, JsonCodec
 
 
 def build_batch(records: Sequence, partition: int, codec: Codec) -> tuple[pa.RecordBatch,
                                                                           Decoded, np.ndarray]:
     """Decode ``records`` and add the ``_key``, ``_partition``, ``_offset``, ``_timestamp``
     columns; return the batch, the codec's result and the records' offsets."""
-    values, keys, offsets, timestamps = record_columns(records)
-    decoded = codec.decode(values)
+    # The JSON codec reads all values as one newline-separated buffer; the
+    # kernel joins them in the same pass that collects the other columns.
+    join_values = isinstance(codec, JsonCodec)
+    values, keys, offsets, timestamps, joined = ext.record_columns(records, join_values)
+    decoded = codec.decode(values, joined=joined) if join_values else codec.decode(values)
     batch = decoded.batch
     rows = decoded.rows_from
     whole = len(rows) == len(records) and not decoded.errors and \

@@ -54,8 +54,8 @@ class TopicSink:
         if KEY_COLUMN in batch.schema.names:
             key_column = key_to_binary(batch.column(KEY_COLUMN))
             keys = key_column.to_pylist()
-            partitions = np.asarray(ext.partitions_for_keys(keys, self.num_partitions),
-                                    dtype=np.int64)
+            # The kernel hashes the Arrow buffers in place and returns int64.
+            partitions = ext.partitions_for_keys(key_column, self.num_partitions)
             if key_column.null_count:
                 partitions[partitions < 0] = self._sticky_partition()
         else:

@@ -11,6 +11,7 @@ import pyarrow.json as pajson
 
 from sabot import ext
 from sabot.codecs.base import Codec, Decoded, empty_batch, without_rows
+from sabot.ext import JoinedValues
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +29,35 @@ class JsonCodec(Codec):
     def __init__(self, schema: pa.Schema | None = None):
         self.schema = schema
 
-    def decode(self, values: list[bytes | None]) -> Decoded:
-        bad = [(i, "empty value: expected a JSON object")
-               for i, value in enumerate(values) if not value]
-        good = values if not bad else [v for v in values if v]
-        if not good:
+    def decode(self, values: list[bytes | None],
+               joined: JoinedValues | None = None) -> Decoded:
+        """Decode ``values``; ``joined``, when given, holds the same values already
+        joined by ``sabot.ext.record_columns(..., join_values=True)``."""
+        if joined is None or joined.empty_count:
+            bad = [(i, "empty value: expected a JSON object")
+                   for i, value in enumerate(values) if not value]
+        else:
+            bad = []
+        if len(bad) == len(values):
             return Decoded(empty_batch(), without_rows(len(values), bad), bad)
 
-        batch = self._parse(good)
+        if joined is not None:
+            batch = self._read(joined.data, joined.count, joined.newline_in_values)
+        else:
+            batch = self._parse(values if not bad else [v for v in values if v])
         if batch is None:
             return self._decode_slowly(values, bad)
         return Decoded(batch, without_rows(len(values), bad), bad)
 
     def _parse(self, values: list[bytes]) -> pa.RecordBatch | None:
         data = b"\n".join(values)
+        return self._read(data, len(values), data.count(b"\n") != len(values) - 1)
+
+    def _read(self, data: bytes, count: int,
+              newlines_in_values: bool) -> pa.RecordBatch | None:
+        """Parse ``count`` JSON objects separated by newlines; None if that fails."""
         # Pretty-printed values contain newlines between tokens; the reader
         # then needs to be told that a newline does not end a record.
-        newlines_in_values = data.count(b"\n") != len(values) - 1
         parse_options = pajson.ParseOptions(
             explicit_schema=self.schema,
             newlines_in_values=newlines_in_values,
@@ -58,7 +71,7 @@ class JsonCodec(Codec):
                                      parse_options=parse_options)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             return None
-        if table.num_rows != len(values):
+        if table.num_rows != count:
             return None
         return _one_batch(table)
 

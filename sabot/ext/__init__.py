@@ -1,39 +1,50 @@
 """Hot loops of the data path, compiled with Cython where available.
 
 Every kernel has a pure-Python twin in :mod:`sabot.ext._twins` that returns
-the same result. The compiled module is used when it imports;
-``SABOT_NO_EXTENSIONS=1`` forces the twins, and an ``ImportError`` (no
-compiler at install time) falls back to them.
+the same result. The compiled kernels (:mod:`sabot.ext._compiled`) are used
+when they import; ``SABOT_NO_EXTENSIONS=1`` forces the twins, and an
+``ImportError`` (no compiler at install time) falls back to them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from sabot.ext import _twins
+from sabot.ext._protocols import JoinedValues, Kernels, RecordColumns
 
-USING_EXTENSIONS = False
-murmur2 = _twins.murmur2
-partitions_for_keys = _twins.partitions_for_keys
-encode_json_rows = _twins.encode_json_rows
-encode_msgpack_rows = _twins.encode_msgpack_rows
+logger = logging.getLogger(__name__)
 
-if not os.environ.get("SABOT_NO_EXTENSIONS"):
+
+def _select() -> tuple[Kernels, bool]:
+    if os.environ.get("SABOT_NO_EXTENSIONS"):
+        return _twins, False
     try:
-        from sabot.ext import _kernels  # type: ignore[attr-defined]
-    except ImportError:
-        pass
-    else:
-        USING_EXTENSIONS = True
-        murmur2 = _kernels.murmur2
-        partitions_for_keys = _kernels.partitions_for_keys
-        encode_json_rows = _kernels.encode_json_rows
-        encode_msgpack_rows = _kernels.encode_msgpack_rows
+        from sabot.ext import _compiled
+    except ImportError as exc:
+        logger.debug("compiled kernels not available, using the twins: %s", exc)
+        return _twins, False
+    return _compiled, True
+
+
+kernels, USING_EXTENSIONS = _select()
+
+murmur2 = kernels.murmur2
+partitions_for_keys = kernels.partitions_for_keys
+encode_json_rows = kernels.encode_json_rows
+encode_msgpack_rows = kernels.encode_msgpack_rows
+record_columns = kernels.record_columns
 
 __all__ = [
     "USING_EXTENSIONS",
+    "JoinedValues",
+    "Kernels",
+    "RecordColumns",
     "encode_json_rows",
     "encode_msgpack_rows",
+    "kernels",
     "murmur2",
     "partitions_for_keys",
+    "record_columns",
 ]

@@ -195,6 +195,11 @@ class Stream:
         return self._source
 
     def __aiter__(self):
+        """Iterate output batches; a Kafka stream commits a batch once it is taken.
+
+        Leave a Kafka stream's loop early inside ``contextlib.aclosing(aiter(stream))``
+        so its consumer stops at once rather than when the generator is collected.
+        """
         from sabot.stream.kafka import KafkaSource
 
         if not isinstance(self._source, KafkaSource):

@@ -7,6 +7,7 @@ Kafka runtime means one source partition. Stateless operators hold nothing.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,16 @@ logger = logging.getLogger(__name__)
 
 KEY_COLUMN = "_key"
 METADATA_COLUMNS = ("_key", "_partition", "_offset", "_timestamp")
+
+
+_MISSING_FIELD = re.compile(r'Field "(.*)" does not exist')
+
+
+def missing_column_name(exc: KeyError) -> str:
+    """Return the column a KeyError from ``batch[name]`` was about."""
+    text = str(exc.args[0]) if exc.args else ""
+    match = _MISSING_FIELD.search(text)
+    return match.group(1) if match else text
 
 
 def describe_function(fn: Callable) -> str:
@@ -51,6 +62,7 @@ class Operator:
     """
 
     name = "operator"
+    stateful = False  #: True if output depends on earlier rows of a key (windows, aggregations)
 
     def process(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         raise NotImplementedError
@@ -76,7 +88,7 @@ class BatchFunction(Operator):
             # Indexing a RecordBatch with a missing name raises KeyError;
             # say which column was requested and which exist.
             raise SchemaError(
-                f"{self.name}({describe_function(self.fn)}): column {exc.args[0]!r} "
+                f"{self.name}({describe_function(self.fn)}): column {missing_column_name(exc)!r} "
                 f"not found; the batch has columns {batch.schema.names}"
             ) from exc
 
@@ -174,7 +186,7 @@ class WithColumns(Operator):
             except KeyError as exc:
                 raise SchemaError(
                     f"with_columns({name}={describe_function(fn)}): column "
-                    f"{exc.args[0]!r} not found; the batch has columns {batch.schema.names}"
+                    f"{missing_column_name(exc)!r} not found; the batch has columns {batch.schema.names}"
                 ) from exc
             value = _to_column(value, batch.num_rows, name, fn)
             index = batch.schema.get_field_index(name)

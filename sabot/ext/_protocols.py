@@ -1,0 +1,61 @@
+"""The interface that the compiled kernels and their pure-Python twins both satisfy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+#: Type of the ``_timestamp`` column: Kafka record timestamps are epoch milliseconds.
+TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
+
+
+class JoinedValues(NamedTuple):
+    """The non-empty values of a fetch joined with ``b"\\n"``, ready for a JSON reader."""
+
+    #: The values that are neither None nor ``b""``, in order, joined by ``b"\n"``.
+    data: bytes
+    #: How many values ``data`` holds.
+    count: int
+    #: How many values were None or ``b""`` and are left out of ``data``.
+    empty_count: int
+    #: Whether a value itself contains ``b"\n"`` (a pretty-printed JSON value).
+    newline_in_values: bool
+
+
+class RecordColumns(NamedTuple):
+    """The columns of one partition's fetched ConsumerRecords."""
+
+    #: The record values, unchanged.
+    values: list
+    #: The record keys as a binary array, null where a record has no key.
+    keys: pa.Array
+    #: The record offsets, int64.
+    offsets: np.ndarray
+    #: The record timestamps as ``timestamp[ms, tz=UTC]``.
+    timestamps: pa.Array
+    #: The values joined for the JSON reader, or None unless requested.
+    joined: JoinedValues | None
+
+
+class Kernels(Protocol):
+    """The hot loops of the data path; ``sabot.ext`` exports one implementation."""
+
+    def murmur2(self, data: bytes) -> int:
+        """Return Kafka's murmur2 hash of ``data`` as a signed 32-bit integer."""
+
+    def partitions_for_keys(self, keys: Sequence[bytes | None] | pa.Array,
+                            num_partitions: int) -> np.ndarray:
+        """Return each key's partition as Kafka's Java client picks it, -1 for None."""
+
+    def encode_json_rows(self, batch: Any) -> list[bytes]:
+        """Encode each row of ``batch`` as one compact JSON object."""
+
+    def encode_msgpack_rows(self, batch: Any) -> list[bytes]:
+        """Encode each row of ``batch`` as one msgpack map."""
+
+    def record_columns(self, records: Sequence[Any],
+                       join_values: bool = False) -> RecordColumns:
+        """Return the values, keys, offsets and timestamps of ConsumerRecords."""
