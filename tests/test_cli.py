@@ -1,0 +1,102 @@
+"""The `sabot` command: app loading errors, `sabot broker`, `--help`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sabot.app.loader import load_app
+from sabot.errors import ConfigError
+from sabot.kafka.broker import wait_for_broker_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_sabot(*args: str, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "sabot", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def modules(tmp_path, monkeypatch):
+    (tmp_path / "good_app.py").write_text(
+        "from sabot import Sabot\n"
+        "app = Sabot('good', broker='kafka://127.0.0.1:1')\n"
+        "other = Sabot('other', broker='kafka://127.0.0.1:1')\n"
+        "def make():\n    return Sabot('made', broker='kafka://127.0.0.1:1')\n")
+    (tmp_path / "single_app.py").write_text(
+        "from sabot import Sabot\nmine = Sabot('mine', broker='kafka://127.0.0.1:1')\n")
+    (tmp_path / "broken_app.py").write_text("import not_a_real_dependency_xyz\n")
+    (tmp_path / "not_app.py").write_text("app = 42\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_load_app_forms(modules):
+    assert load_app("good_app").id == "good"
+    assert load_app("good_app:other").id == "other"
+    assert load_app("good_app:make()").id == "made"
+    assert load_app("single_app").id == "mine"
+    assert load_app("good_app.py").id == "good"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module", "module 'no_such_module' not found"),
+    ("broken_app", "failed to import: No module named 'not_a_real_dependency_xyz'"),
+    ("good_app:missing", "has no attribute 'missing'"),
+    ("not_app", "is a int, not a Sabot app"),
+    (":app", "invalid app path"),
+])
+def test_load_app_errors(modules, spec, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_app(spec)
+
+
+def test_worker_reports_missing_module(tmp_path):
+    result = run_sabot("worker", "-A", "nowhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "module 'nowhere' not found" in result.stderr
+
+
+def test_worker_reports_import_failure_with_traceback(modules):
+    result = run_sabot("worker", "-A", "broken_app", cwd=modules)
+    assert result.returncode == 2
+    assert "failed to import" in result.stderr
+    assert "Traceback" in result.stderr
+
+
+def test_worker_help_lists_options(tmp_path):
+    result = run_sabot("worker", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("--app", "--broker", "--loglevel", "--agents"):
+        assert option in result.stdout
+
+
+@pytest.mark.broker
+def test_broker_command_starts_and_stops(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "sabot", "broker", "--port", "0"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"kafka://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        wait_for_broker_sync("127.0.0.1", int(match.group(1)), timeout=10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        process.wait(timeout=20)
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == 0
+    assert time.monotonic() - started < 10
