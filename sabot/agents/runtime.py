@@ -50,6 +50,9 @@ class Stats:
     dead_letters: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
+    #: time.monotonic() of the first non-empty fetch and of the last commit.
+    first_fetch: float | None = None
+    last_commit: float | None = None
     lag: int = 0
 
 
@@ -257,6 +260,8 @@ class Worker:
                 continue
             if not fetched:
                 continue
+            if self.stats.first_fetch is None:
+                self.stats.first_fetch = time.monotonic()
             async with self.lock:
                 try:
                     await self._process(fetched)
@@ -309,6 +314,7 @@ class Worker:
         self.stats.consumed += consumed
         self.stats.dead_letters += dead
         self.stats.batches += 1
+        self.stats.last_commit = time.monotonic()
         logger.debug("committed %d records from %d partitions", consumed, len(commits))
 
     async def _commit(self, commits: dict[TopicPartition, int]) -> None:

@@ -1,0 +1,232 @@
+"""Kafka-to-Kafka throughput: Sabot against the raw aiokafka client, one run.
+
+One embedded broker and one prepared topic (JSON orders keyed by user);
+every contender reads the whole topic with its own consumer group:
+
+  raw consume           aiokafka getmany over every message, no processing
+  raw consume+produce   aiokafka: every message sent on unchanged, acks awaited,
+                        offsets committed after each fetch (at-least-once)
+  sabot big_orders      filter amount > 50, select id and amount, JSON out
+  sabot stateless       filter amount > 50, add a computed column, JSON out
+
+Rates are messages consumed per second, from the first non-empty fetch to
+the last commit (or the last message, for the raw consume). Ratios compare
+each Sabot run with the raw rates of the same run.
+
+    python benchmarks/throughput.py --messages 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import resource
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sabot import Sabot, ext  # noqa: E402
+from sabot.agents.loop import new_event_loop  # noqa: E402
+from sabot.agents.sink import TopicSink  # noqa: E402
+from sabot.codecs import get_codec  # noqa: E402
+from sabot.kafka.admin import ensure_topics  # noqa: E402
+from sabot.kafka.broker import EmbeddedBroker  # noqa: E402
+
+FETCH = {"fetch_max_bytes": 64 << 20, "max_partition_fetch_bytes": 8 << 20}
+
+
+def orders_table(count: int, users: int = 10_000, seed: int = 7) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    ids = np.arange(count, dtype=np.int64)
+    return pa.table({
+        "id": ids,
+        "user": pa.array([f"user-{u}" for u in rng.integers(0, users, count)]),
+        "amount": np.round(rng.uniform(0, 100, count), 2),
+        "quantity": rng.integers(1, 10, count),
+        "ts": 1_700_000_000_000 + ids * 10,
+    })
+
+
+async def prepare_topic(bootstrap: str, topic: str, count: int, partitions: int) -> int:
+    await ensure_topics(bootstrap, {topic: partitions})
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
+                                max_batch_size=1 << 20)
+    await producer.start()
+    sink = TopicSink(producer, topic, get_codec("json"), partitions)
+    try:
+        for batch in orders_table(count).to_batches(max_chunksize=50_000):
+            keyed = batch.append_column("_key", batch.column("user"))
+            await asyncio.gather(*await sink.send(keyed))
+    finally:
+        await producer.stop()
+    return count
+
+
+async def raw_consume(bootstrap: str, topic: str, count: int) -> float:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                group_id=f"raw-{uuid.uuid4().hex[:6]}",
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                session_timeout_ms=6000, **FETCH)
+    await consumer.start()
+    seen, first = 0, None
+    try:
+        while seen < count:
+            fetched = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            if fetched and first is None:
+                first = time.monotonic()
+            for records in fetched.values():
+                seen += len(records)
+        return seen / (time.monotonic() - first)
+    finally:
+        await consumer.stop()
+
+
+async def raw_consume_produce(bootstrap: str, topic: str, count: int) -> float:
+    out = f"{topic}-raw-out"
+    await ensure_topics(bootstrap, {out: 8})
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                group_id=f"rawcp-{uuid.uuid4().hex[:6]}",
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                session_timeout_ms=6000, **FETCH)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
+                                max_batch_size=1 << 20)
+    await consumer.start()
+    await producer.start()
+    seen, first = 0, None
+    try:
+        while seen < count:
+            fetched = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            if not fetched:
+                continue
+            if first is None:
+                first = time.monotonic()
+            futures = []
+            for records in fetched.values():
+                for record in records:
+                    futures.append(await producer.send(out, record.value, key=record.key))
+                seen += len(records)
+            await asyncio.gather(*futures)
+            await consumer.commit()
+        return seen / (time.monotonic() - first)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def big_orders(stream):
+    return stream.filter(lambda b: pc.greater(b["amount"], 50)).select("id", "amount")
+
+
+def stateless(stream):
+    return (stream
+            .filter(lambda b: pc.greater(b["amount"], 50))
+            .with_columns(total=lambda b: pc.multiply(b["amount"], b["quantity"])))
+
+
+class RssSampler:
+    """Sample this process's resident set size (from /proc) every 0.25 s."""
+
+    def __init__(self):
+        self.samples: list[tuple[int, int]] = []
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    async def run(self, progress):
+        while True:
+            self.samples.append((progress(), self.rss()))
+            await asyncio.sleep(0.25)
+
+
+async def run_sabot(bootstrap: str, topic: str, count: int, flow, name: str):
+    app = Sabot(f"bench-{name}-{uuid.uuid4().hex[:6]}", broker=f"kafka://{bootstrap}",
+                session_timeout_ms=6000, progress_interval=0, **FETCH)
+    app.dataflow(topic, sink=f"{topic}-{name}-out", name=name)(flow)
+    sampler = RssSampler()
+    await app.start()
+    sampling = asyncio.create_task(
+        sampler.run(lambda: app.stats.consumed if app.stats else 0))
+    try:
+        while app.stats.consumed < count:
+            await asyncio.sleep(0.05)
+        stats = app.stats
+        rate = stats.consumed / (stats.last_commit - stats.first_fetch)
+    finally:
+        sampling.cancel()
+        await app.stop()
+    return rate, sampler.samples
+
+
+def describe_rss(samples) -> str:
+    if not samples:
+        return "no samples"
+    peak = max(r for _, r in samples)
+    total = samples[-1][0] or 1
+    half = [r for c, r in samples if c <= total / 2]
+    at_half = max(half) if half else peak
+    return (f"peak RSS {peak / 2**20:.0f} MiB; max up to half the messages "
+            f"{at_half / 2**20:.0f} MiB (growth in the second half: "
+            f"{(peak - at_half) / 2**20:+.0f} MiB)")
+
+
+async def main(args) -> None:
+    broker = EmbeddedBroker().start()
+    bootstrap = broker.bootstrap
+    topic = f"bench-{uuid.uuid4().hex[:6]}"
+    try:
+        started = time.monotonic()
+        await prepare_topic(bootstrap, topic, args.messages, args.partitions)
+        print(f"prepared {args.messages:,} JSON messages in {args.partitions} partitions "
+              f"in {time.monotonic() - started:.1f} s", flush=True)
+
+        results: dict[str, float] = {}
+        results["raw consume"] = await raw_consume(bootstrap, topic, args.messages)
+        print(f"raw consume          {results['raw consume']:>12,.0f} msgs/s", flush=True)
+        results["raw consume+produce"] = await raw_consume_produce(bootstrap, topic,
+                                                                   args.messages)
+        print(f"raw consume+produce  {results['raw consume+produce']:>12,.0f} msgs/s",
+              flush=True)
+        rss = {}
+        for name, flow in (("big_orders", big_orders), ("stateless", stateless)):
+            rate, samples = await run_sabot(bootstrap, topic, args.messages, flow, name)
+            results[f"sabot {name}"] = rate
+            rss[name] = describe_rss(samples)
+            print(f"sabot {name:<15}{rate:>12,.0f} msgs/s   ({rss[name]})", flush=True)
+    finally:
+        broker.stop()
+
+    raw, raw_cp = results["raw consume"], results["raw consume+produce"]
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, kernels: "
+          f"{'compiled' if ext.USING_EXTENSIONS else 'pure-Python twins'}")
+    for name in ("sabot big_orders", "sabot stateless"):
+        print(f"{name:<18} / raw consume = {results[name] / raw:.2f}   "
+              f"/ raw consume+produce = {results[name] / raw_cp:.2f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process over the whole run: {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    arguments = parser.parse_args()
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(main(arguments))
+    finally:
+        loop.close()
