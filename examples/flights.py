@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from sabot import Sabot, Stream
 
 # A 6 s session timeout is Kafka's minimum, and shortens group joins on the
-# embedded broker, which holds a join for half the session timeout.
+# embedded broker, which delays a join by half the session timeout.
 app = Sabot("flights", session_timeout_ms=6000, progress_interval=2)
 
 

@@ -9,7 +9,7 @@
    print a summary, then stop the broker.
 
 Run it with ``make demo``; it exits non-zero if any step fails or the
-output does not match what the flights table says it should be.
+output does not match what the flights table gives.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ async def load_topic(bootstrap: str, table: pa.Table) -> dict[int, int]:
 
 
 async def end_offsets(bootstrap: str) -> dict[int, int]:
-    # Count what each partition holds by reading it: Tansu 0.6 can report
+    # Count what each partition contains by reading it: Tansu 0.6 can report
     # end offsets below the real contents, so they are not trusted here.
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 fetch_max_bytes=64 << 20,
@@ -160,7 +160,7 @@ async def run(broker: EmbeddedBroker) -> int:
     ends = await load_topic(bootstrap, table)
     total = sum(ends.values())
     if total != table.num_rows:
-        say(f"error: the topic holds {total:,} records, expected {table.num_rows:,}")
+        say(f"error: the topic contains {total:,} records, expected {table.num_rows:,}")
         return 1
 
     worker = start_worker(broker.url)

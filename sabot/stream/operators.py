@@ -1,6 +1,6 @@
 """Operators: the steps of a pipeline, each applied to whole record batches.
 
-An operator instance holds the state of one pipeline instance, which in the
+An operator instance keeps the state of one pipeline instance, which in the
 Kafka runtime means one source partition. Stateless operators hold nothing.
 """
 
@@ -86,7 +86,7 @@ class BatchFunction(Operator):
             raise
         except KeyError as exc:
             # Indexing a RecordBatch with a missing name raises KeyError;
-            # say which column was requested and which exist.
+            # name the requested column and the existing ones.
             raise SchemaError(
                 f"{self.name}({describe_function(self.fn)}): column {missing_column_name(exc)!r} "
                 f"not found; the batch has columns {batch.schema.names}"
@@ -260,7 +260,7 @@ def key_to_binary(column: pa.Array) -> pa.Array:
 
     Binary keys pass unchanged, strings are their UTF-8 bytes and other types
     their string form (``42`` becomes ``b"42"``), so a Java client reading the
-    topic sees the same key text.
+    topic gets the same key text.
     """
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         return column
