@@ -6,8 +6,13 @@ every contender reads the whole topic with its own consumer group:
   raw consume           aiokafka getmany over every message, no processing
   raw consume+produce   aiokafka: every message sent on unchanged, acks awaited,
                         offsets committed after each fetch (at-least-once)
+  confluent-kafka       librdkafka's consumer over every message, values read
+                        (with the ``bench`` extra), the other client Sabot could use
   sabot big_orders      filter amount > 50, select id and amount, JSON out
   sabot stateless       filter amount > 50, add a computed column, JSON out
+  faust, quix           the stateless pipeline in Faust and in Quix Streams
+                        (the ``bench`` extra), each in its own process over
+                        the first --peer-messages messages of the same topic
 
 Rates are messages consumed per second, from the first non-empty fetch to
 the last commit (or the last message, for the raw consume). Ratios compare
@@ -20,10 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import platform
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -124,6 +133,37 @@ async def raw_consume_produce(bootstrap: str, topic: str, count: int) -> float:
         await consumer.stop()
 
 
+def confluent_consume(bootstrap: str, topic: str, count: int,
+                      partitions: int) -> float | None:
+    """Consume every message with confluent-kafka (librdkafka), the other client.
+
+    The partitions are assigned, not subscribed, and the clock starts at the
+    assignment: librdkafka prefetches in a background thread, so timing from
+    the first message would leave out the fetches made before it.
+    """
+    if importlib.util.find_spec("confluent_kafka") is None:
+        return None
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"ck-{uuid.uuid4().hex[:6]}",
+        "enable.auto.commit": False, "fetch.max.bytes": 64 << 20,
+        "max.partition.fetch.bytes": 8 << 20,
+    })
+    started = time.monotonic()
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    seen = 0
+    try:
+        while seen < count:
+            messages = consumer.consume(num_messages=20_000, timeout=1.0)
+            for message in messages:
+                message.value()
+            seen += len(messages)
+        return seen / (time.monotonic() - started)
+    finally:
+        consumer.close()
+
+
 def big_orders(stream):
     return stream.filter(lambda b: pc.greater(b["amount"], 50)).select("id", "amount")
 
@@ -170,6 +210,30 @@ async def run_sabot(bootstrap: str, topic: str, count: int, flow, name: str):
     return rate, sampler.samples
 
 
+PEERS = {"faust": ("faust", "faust_orders.py"), "quix": ("quixstreams", "quix_orders.py")}
+
+
+def run_peer(name: str, bootstrap: str, topic: str, count: int) -> float | None:
+    """Run a peer framework's pipeline in a subprocess; return its rate or None."""
+    module, script = PEERS[name]
+    if importlib.util.find_spec(module) is None:
+        print(f"{name:<21}skipped: install the bench extra (pip install -e '.[bench]')")
+        return None
+    env = dict(os.environ, BOOTSTRAP=bootstrap, TOPIC=topic, OUT=f"{topic}-{name}-out",
+               GROUP=f"{name}-{uuid.uuid4().hex[:6]}", COUNT=str(count))
+    with tempfile.TemporaryDirectory(prefix=f"sabot-bench-{name}-") as workdir:
+        env["STATE_DIR"] = os.path.join(workdir, "state")
+        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers" / script)],
+                                cwd=workdir, env=env, capture_output=True, text=True,
+                                timeout=1800)
+    match = re.search(r"rate (\d+(?:\.\d+)?)", result.stdout + result.stderr)
+    if result.returncode != 0 or not match:
+        tail = (result.stdout + result.stderr)[-2000:]
+        print(f"{name:<21}failed with status {result.returncode}:\n{tail}")
+        return None
+    return float(match.group(1))
+
+
 def describe_rss(samples) -> str:
     if not samples:
         return "no samples"
@@ -199,12 +263,23 @@ async def main(args) -> None:
                                                                    args.messages)
         print(f"raw consume+produce  {results['raw consume+produce']:>12,.0f} msgs/s",
               flush=True)
+        confluent = confluent_consume(bootstrap, topic, args.messages, args.partitions)
+        if confluent is not None:
+            results["confluent-kafka consume"] = confluent
+            print(f"confluent-kafka consume {confluent:>9,.0f} msgs/s", flush=True)
         rss = {}
         for name, flow in (("big_orders", big_orders), ("stateless", stateless)):
             rate, samples = await run_sabot(bootstrap, topic, args.messages, flow, name)
             results[f"sabot {name}"] = rate
             rss[name] = describe_rss(samples)
             print(f"sabot {name:<15}{rate:>12,.0f} msgs/s   ({rss[name]})", flush=True)
+        peer_count = min(args.peer_messages, args.messages)
+        for name in args.peers:
+            rate = run_peer(name, bootstrap, topic, peer_count)
+            if rate is not None:
+                results[name] = rate
+                print(f"{name:<21}{rate:>12,.0f} msgs/s   (first {peer_count:,} messages)",
+                      flush=True)
     finally:
         broker.stop()
 
@@ -216,6 +291,13 @@ async def main(args) -> None:
     for name in ("sabot big_orders", "sabot stateless"):
         print(f"{name:<18} / raw consume = {results[name] / raw:.2f}   "
               f"/ raw consume+produce = {results[name] / raw_cp:.2f}")
+    peers = [results[name] for name in args.peers if name in results]
+    if peers:
+        fastest = max(peers)
+        for name in args.peers:
+            if name in results:
+                print(f"sabot stateless / {name} = {results['sabot stateless'] / results[name]:.1f}")
+        print(f"sabot stateless / the faster peer = {results['sabot stateless'] / fastest:.1f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process over the whole run: {peak:.0f} MiB")
 
@@ -224,6 +306,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--peer-messages", type=int, default=200_000,
+                        help="messages each peer framework processes (default 200,000)")
+    parser.add_argument("--peers", nargs="*", default=["faust", "quix"],
+                        choices=sorted(PEERS), help="peer frameworks to run (default both)")
     arguments = parser.parse_args()
     loop = new_event_loop()
     try:
