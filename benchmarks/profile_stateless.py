@@ -110,7 +110,7 @@ def install_breakdown() -> StepTimer:
     import sabot.stream.core as core
 
     timer = StepTimer()
-    timer.wrap(records, "record_columns", "record_columns")
+    timer.wrap(records.ext, "record_columns", "record_columns")
     timer.wrap(runtime, "build_batch", "build_batch (incl. record_columns, decode)")
     timer.wrap(json_codec.JsonCodec, "decode", "json decode")
     timer.wrap(json_codec.JsonCodec, "encode", "json encode")
@@ -152,7 +152,8 @@ async def run_worker(bootstrap: str, expected: int, profiler: str | None,
             session.stop()
         await app.stop()
     if session is not None:
-        print(session.output_text(unicode=False, color=False, show_all=os.environ.get("PROFILE_SHOW_ALL") == "1"))
+        show_all = os.environ.get("PROFILE_SHOW_ALL") == "1"
+        print(session.output_text(unicode=False, color=False, show_all=show_all))
     return elapsed, produced
 
 

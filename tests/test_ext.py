@@ -45,7 +45,7 @@ def kernels(request):
     return _compiled_module()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def compiled():
     """The compiled kernels, for comparing them with the twins."""
     if NO_EXTENSIONS:

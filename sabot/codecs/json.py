@@ -31,8 +31,11 @@ class JsonCodec(Codec):
 
     def decode(self, values: list[bytes | None],
                joined: JoinedValues | None = None) -> Decoded:
-        """Decode ``values``; ``joined``, when given, holds the same values already
-        joined by ``sabot.ext.record_columns(..., join_values=True)``."""
+        """Decode ``values``, reading them from ``joined`` when it is given.
+
+        ``joined`` is what ``sabot.ext.record_columns(..., join_values=True)``
+        returns for the same values, so they are not joined a second time.
+        """
         if joined is None or joined.empty_count:
             bad = [(i, "empty value: expected a JSON object")
                    for i, value in enumerate(values) if not value]

@@ -14,7 +14,11 @@ nested to any depth up to ``MAX_DEPTH``; msgpack also reads binary and
 large_binary. A batch with any other type (float16, decimal, date, time,
 duration, dictionary, map, union, view and extension types, or a named time
 zone such as "Europe/Paris") is passed whole to the twin, and so is a batch
-with a timestamp outside the years 1 to 9999 that Python's datetime holds.
+with a timestamp outside the years 1 to 9999 that Python's datetime supports.
+
+NOTE: string bytes are copied without UTF-8 validation. pyarrow builds valid
+UTF-8 arrays, but for an invalid one (built with ``Array.from_buffers``) the
+twin raises UnicodeDecodeError where these encoders write the bytes as they are.
 
 The GIL stays held: float formatting calls CPython's ``PyOS_double_to_string``,
 which allocates from the Python heap, and every row becomes a bytes object.
@@ -24,15 +28,16 @@ cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.math cimport isfinite, signbit
-from libc.stdint cimport (INT64_MIN, int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t,
-                          uint32_t, uint64_t)
+from libc.math cimport INFINITY, isfinite, nextafter, signbit
+from libc.stdint cimport (INT64_MAX, INT64_MIN, int8_t, int16_t, int32_t, int64_t, uint8_t,
+                          uint16_t, uint32_t, uint64_t)
 from libc.string cimport memcpy, strcmp, strlen, strncmp
 
 from sabot.ext._arrow_c cimport ArrowArray, ArrowSchema
 
 import msgpack
 import orjson
+import pyarrow as pa
 
 from sabot.ext import _twins
 
@@ -207,7 +212,8 @@ cdef class _Columns:
             Py_ssize_t count
         self.for_msgpack = for_msgpack
         self.keys = []
-        if not hasattr(batch, "__arrow_c_array__"):
+        if not (hasattr(batch, "__arrow_c_array__")
+                and isinstance(getattr(batch, "schema", None), pa.Schema)):
             return FALLBACK
         self.capsules = batch.__arrow_c_array__()
         c_schema = <ArrowSchema*>PyCapsule_GetPointer(self.capsules[0], "arrow_schema")
@@ -225,10 +231,15 @@ cdef class _Columns:
         self.row.key = NULL
         self.row.key_length = 0
         self.length = c_array.length
-        return self.fill(self.row, c_schema, c_array)
+        return self.fill(self.row, c_schema, c_array, pa.struct(list(batch.schema)))
 
-    cdef int fill(self, Column* column, ArrowSchema* c_schema,
-                  ArrowArray* c_array) except -1:
+    cdef int fill(self, Column* column, ArrowSchema* c_schema, ArrowArray* c_array,
+                  object arrow_type) except -1:
+        """Describe one exported array; ``arrow_type`` is its pyarrow type.
+
+        Field names come from ``arrow_type``: the exported names are C
+        strings, which end early at a NUL character in a name.
+        """
         cdef:
             const char* format_ = c_schema.format
             int64_t i
@@ -250,7 +261,7 @@ cdef class _Columns:
         column.utc_offset = 0
         column.units_per_second = 1
         column.list_size = 0
-        if c_schema.dictionary != NULL or _is_extension(c_schema.metadata):
+        if c_schema.dictionary != NULL or isinstance(arrow_type, pa.BaseExtensionType):
             return FALLBACK
 
         if format_[0] == b'+':
@@ -263,22 +274,26 @@ cdef class _Columns:
                 column.list_size = int(format_[3:])
             elif strcmp(format_, b"+s") == 0:
                 column.kind = K_STRUCT
-                names = set()
-                for i in range(c_schema.n_children):
-                    name = c_schema.children[i].name
-                    if name in names:
-                        # to_pylist() cannot build a dict with two equal keys.
-                        return FALLBACK
-                    names.add(name)
+                names = {field.name for field in arrow_type}
+                if len(names) != c_schema.n_children:
+                    # to_pylist() cannot build a dict with two equal keys.
+                    return FALLBACK
             else:
                 return FALLBACK
             column.n_children = c_schema.n_children
             column.children = &self.nodes[self.used]
             self.used += c_schema.n_children
             for i in range(c_schema.n_children):
-                self.set_key(&column.children[i], c_schema.children[i].name)
+                if column.kind == K_STRUCT:
+                    field = arrow_type.field(i)
+                    self.set_key(&column.children[i], field.name)
+                    child_type = field.type
+                else:
+                    column.children[i].key = NULL
+                    column.children[i].key_length = 0
+                    child_type = arrow_type.value_type
                 rc = self.fill(&column.children[i], c_schema.children[i],
-                               c_array.children[i])
+                               c_array.children[i], child_type)
                 if rc != OK:
                     return rc
             return OK
@@ -325,13 +340,12 @@ cdef class _Columns:
             return FALLBACK
         return OK
 
-    cdef int set_key(self, Column* column, const char* name) except -1:
+    cdef int set_key(self, Column* column, str name) except -1:
         cdef bytes key
-        text = name.decode("utf-8")
         if self.for_msgpack:
-            key = msgpack.packb(text)
+            key = msgpack.packb(name)
         else:
-            key = orjson.dumps(text) + b":"
+            key = orjson.dumps(name) + b":"
         self.keys.append(key)
         column.key = key
         column.key_length = len(key)
@@ -352,30 +366,6 @@ cdef Py_ssize_t _count_nodes(ArrowSchema* c_schema, int depth) except -2:
             return -1
         total += below
     return total
-
-
-cdef bint _is_extension(const char* metadata) noexcept:
-    """Return whether the field metadata names an extension type.
-
-    Metadata is int32 pair count, then per pair an int32 length and bytes
-    for the key, and the same for the value, in native byte order.
-    """
-    cdef:
-        int32_t pairs, size, i
-        const char* cursor = metadata
-    if metadata == NULL:
-        return False
-    memcpy(&pairs, cursor, 4)
-    cursor += 4
-    for i in range(pairs):
-        memcpy(&size, cursor, 4)
-        cursor += 4
-        if size == 20 and strncmp(cursor, b"ARROW:extension:name", 20) == 0:
-            return True
-        cursor += size
-        memcpy(&size, cursor, 4)
-        cursor += 4 + size
-    return False
 
 
 cdef int _set_timestamp(Column* column, const char* format_) except -1:
@@ -432,10 +422,18 @@ cdef inline bint _in_datetime_range(const Column* column, int64_t value,
     """Return whether to_pylist() turns this timestamp into a datetime.
 
     A datetime holds the years 1 to 9999, in UTC and in the column's zone.
-    The smallest int64 nanosecond value is pandas' NaT, not a datetime.
+    Nanoseconds become pandas Timestamps, whose wall time in the zone must
+    fit int64 nanoseconds too, and the smallest int64 is pandas' NaT.
     """
-    if column.units_per_second == 1000000000 and value == INT64_MIN:
-        return False
+    cdef int64_t offset_nanos
+    if column.units_per_second == 1000000000:
+        offset_nanos = column.utc_offset * 1000000000
+        if value == INT64_MIN:
+            return False
+        if offset_nanos > 0 and value > INT64_MAX - offset_nanos:
+            return False
+        if offset_nanos < 0 and value <= INT64_MIN - offset_nanos:
+            return False
     if not (MIN_EPOCH_DAY <= _floor_div(seconds, 86400) <= MAX_EPOCH_DAY):
         return False
     return MIN_EPOCH_DAY <= _floor_div(seconds + column.utc_offset, 86400) <= MAX_EPOCH_DAY
@@ -523,6 +521,8 @@ cdef int _json_double(_Buffer out, double value) except -1:
         # Below 2**53 an integral double's shortest digits are the integer's.
         _json_int(out, <int64_t>value)
         return out.write(b".0", 2)
+    if _json_short_decimal(out, value):
+        return 0
 
     text = PyOS_double_to_string(value, b'r', 0, 0, NULL)
     try:
@@ -589,6 +589,46 @@ cdef int _json_double(_Buffer out, double value) except -1:
     return _json_int(out, -e)
 
 
+cdef bint _json_short_decimal(_Buffer out, double value) except -1:
+    """Write ``value`` if it has a short decimal form; return whether it did.
+
+    Finds the fewest fraction digits k for which the integer n nearest to
+    |value| * 10**k gives back |value| as n / 10**k. Both operands are exact
+    (n < 2**52, 10**k <= 10**15) and IEEE division rounds correctly, so this
+    is exactly "the decimal n * 10**-k parses to value", and the smallest
+    such k gives the digits of the shortest round trip that repr() returns.
+    The search stops (and repr() is used) once 10**-k is below two ulps of
+    value: from there several k-digit decimals may parse to value, and the
+    rounded product may not pick the closest. Only for 1e-5 <= |value| <
+    1e15, where orjson writes plain decimals.
+    """
+    cdef:
+        double magnitude = -value if value < 0 else value
+        double scale = 1.0
+        double ulp, product
+        int64_t n, whole, fraction
+        int k
+    if not (1e-5 <= magnitude < 1e15):
+        return False
+    ulp = nextafter(magnitude, INFINITY) - magnitude
+    for k in range(1, 16):
+        scale *= 10.0
+        product = magnitude * scale
+        if product >= 4503599627370496.0 or scale * ulp > 0.5:
+            return False
+        n = <int64_t>(product + 0.5)
+        if <double>n / scale == magnitude:
+            whole = <int64_t>(n // <int64_t>scale)
+            fraction = n - whole * <int64_t>scale
+            if value < 0:
+                out.put(b'-')
+            _json_int(out, whole)
+            out.put(b'.')
+            _json_zero_padded(out, fraction, k)
+            return True
+    return False
+
+
 cdef int _json_string(_Buffer out, const uint8_t* text, int64_t size) except -1:
     cdef:
         int64_t i
@@ -633,8 +673,10 @@ cdef int _json_timestamp(_Buffer out, const Column* column, int64_t value) excep
         int64_t local = seconds + column.utc_offset
         int64_t days = _floor_div(local, 86400)
         int64_t second_of_day = local - days * 86400
-        int64_t year
-        int month, day, offset_minutes
+        int64_t year = 0
+        int month = 0
+        int day = 0
+        int offset_minutes
         int64_t micros = 0
         int64_t nanos = 0
 
@@ -826,7 +868,7 @@ cdef int _msgpack_uint(_Buffer out, uint64_t value) except -1:
 
 
 cdef int _msgpack_double(_Buffer out, double value) except -1:
-    cdef uint64_t bits
+    cdef uint64_t bits = 0
     memcpy(&bits, &value, 8)
     out.put(<char>0xCB)
     return out.put_big_endian(bits, 8)

@@ -17,7 +17,7 @@ class JoinedValues(NamedTuple):
 
     #: The values that are neither None nor ``b""``, in order, joined by ``b"\n"``.
     data: bytes
-    #: How many values ``data`` holds.
+    #: How many values ``data`` contains.
     count: int
     #: How many values were None or ``b""`` and are left out of ``data``.
     empty_count: int

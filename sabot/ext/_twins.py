@@ -95,7 +95,7 @@ def encode_json_rows(batch: pa.RecordBatch) -> list[bytes]:
 def encode_msgpack_rows(batch: pa.RecordBatch) -> list[bytes]:
     """Encode each row of ``batch`` as one msgpack map.
 
-    Timestamps become the msgpack Timestamp extension (type -1), which holds
+    Timestamps become the msgpack Timestamp extension (type -1), which stores
     an instant without a time zone; a naive timestamp is taken as UTC.
     """
     return [msgpack.packb(row, datetime=True, default=_msgpack_default)
@@ -151,10 +151,12 @@ def record_columns(records: Sequence[Any], join_values: bool = False) -> RecordC
             if not isinstance(value, bytes):
                 raise TypeError(f"a record value must be bytes to be joined, "
                                 f"got {type(value).__name__}")
+        data = b"\n".join(present)
         joined = JoinedValues(
-            data=b"\n".join(present),
+            data=data,
             count=len(present),
             empty_count=len(values) - len(present),
-            newline_in_values=any(b"\n" in value for value in present),
+            # Any newline beyond the separators is inside a value.
+            newline_in_values=data.count(b"\n") > max(len(present) - 1, 0),
         )
     return RecordColumns(values, keys, offsets, timestamps, joined)
