@@ -1,7 +1,7 @@
 """The agent: a long-lived process that runs one task at a time for the coordinator.
 
-A task is a Stream's step factories (cloudpickle bytes) and a partition of
-the job's input (Arrow IPC). The agent runs them through the same
+A task is a stage of a Stream's operators (cloudpickle bytes) and a
+partition of the job's input (Arrow IPC). The agent runs them through the same
 ``Stream.collect()`` that local mode uses, so the pooled path and the
 in-process fast path share one implementation of the operators.
 
@@ -12,6 +12,8 @@ parent (the fork server) dies.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import pickle
 import signal
@@ -29,7 +31,13 @@ from sabot.stream.core import Stream
 
 def run_task(steps_bytes: bytes | bytearray, payload: bytes | bytearray) -> pa.Table:
     """Run the pickled steps over the batches of an IPC payload and return the output."""
-    steps = cloudpickle.loads(steps_bytes)
+    form, items = cloudpickle.loads(steps_bytes)
+    if form == protocol.OPERATORS:
+        # Each call of a step gives a fresh copy of the operator as it was
+        # built by its factory, before it saw any row.
+        steps = tuple(functools.partial(copy.deepcopy, operator) for operator in items)
+    else:
+        steps = items
     _, batches = protocol.decode_batches(payload)
     return Stream(source=batches, steps=steps).collect()
 
@@ -37,9 +45,9 @@ def run_task(steps_bytes: bytes | bytearray, payload: bytes | bytearray) -> pa.T
 def failure_report(exc: BaseException) -> bytes:
     """Pickle what the coordinator needs to raise ``exc`` again on its side.
 
-    The exception itself travels when it pickles; its type name, message
-    and formatted traceback always do, so an exception class that the
-    coordinator cannot import still produces a readable error.
+    The exception itself is sent when it pickles. Its type name, message and
+    formatted traceback are always sent, so that an exception class the
+    coordinator cannot import still gives a readable error.
     """
     text = "".join(traceback.format_exception(exc))
     try:
@@ -51,7 +59,8 @@ def failure_report(exc: BaseException) -> bytes:
 
 
 def serve(sock: socket.socket) -> None:
-    """Answer RUN requests until the coordinator closes the socket."""
+    """Run each task the coordinator sends and send back its result, until the
+    coordinator closes the socket."""
     sock.sendall(protocol.RESPONSE.pack(protocol.READY, os.getpid(), 0))
     while True:
         header = protocol.recv_exact(sock, protocol.REQUEST.size)

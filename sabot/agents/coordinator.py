@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -142,11 +142,15 @@ class UnifiedCoordinator:
         """Run a bounded Stream and return its output rows as one table.
 
         A job with fewer than ``small_job_rows`` input rows runs here, in
-        this process. A larger one is split into one partition per agent,
-        and the outputs are concatenated in input order. Stateful operators
-        get every row of a key on one agent. Either way the result has the
-        same rows and schema as ``stream.collect()``, and an exception that
-        the pipeline raises reaches the caller with its type intact.
+        this process. A larger one is split into at most one partition per
+        agent, of at least ``jobs.MIN_ROWS_PER_PARTITION`` rows each, and the
+        outputs are concatenated in input order. Stateful operators get
+        every row of a key on one agent. Either way the result has the same
+        rows, order and schema as ``stream.collect()``, with two exceptions
+        for keyed stateful jobs: rows of different keys can come in another
+        order, and event-time windows can drop fewer late records (see
+        :mod:`sabot.agents.jobs`). An exception that the pipeline raises
+        reaches the caller with its type intact.
 
         ``retriable=True`` runs a partition again, once, on another agent if
         the agent running it dies. Leave it False for pipelines with side
@@ -166,8 +170,6 @@ class UnifiedCoordinator:
 
     async def _execute_pooled(self, stream: Stream, batches: list[pa.RecordBatch], rows: int,
                               retriable: bool) -> pa.Table:
-        import cloudpickle
-
         job_id = next(_job_ids)
         steps = stream._steps
         operators = [factory() for factory in steps]
@@ -182,7 +184,7 @@ class UnifiedCoordinator:
                 result = Stream(source=batches, steps=stage_steps).collect()
             else:
                 parts = self._partition(stage, batches, stream.key)
-                pickled = cloudpickle.dumps(stage_steps)
+                pickled = _pickle_steps(operators[stage.start:stage.end], stage_steps)
                 tables = await self._run_tasks(job_id, pickled, parts, retriable)
                 result = jobs.combine(tables)
             batches = _to_batches(result)
@@ -248,17 +250,16 @@ class UnifiedCoordinator:
         if self._sql_executor is None:
             self._sql_executor = ThreadPoolExecutor(
                 max_workers=self.num_local_agents, thread_name_prefix="sabot-sql")
-        loop = asyncio.get_running_loop()
-        holder: list[Any] = []
-        future = loop.run_in_executor(self._sql_executor, self._run_sql, query, tables, holder)
+        call = _SqlCall()
+        done = self._sql_executor.submit(self._run_sql, query, tables, call)
         try:
-            return await future
+            return await asyncio.wrap_future(done)
         except asyncio.CancelledError:
-            if holder:
-                holder[0].interrupt()
+            call.cancelled = True
+            _interrupt_until_done(asyncio.get_running_loop(), done, call)
             raise
 
-    def _run_sql(self, query: str, tables: dict[str, Any], holder: list[Any]) -> pa.Table:
+    def _run_sql(self, query: str, tables: dict[str, Any], call: _SqlCall) -> pa.Table:
         """Run one query on its own DuckDB cursor; called on an executor thread."""
         duckdb = require("duckdb", "sql")
         with self._sql_lock:
@@ -266,8 +267,10 @@ class UnifiedCoordinator:
                 self._sql_connection = duckdb.connect(":memory:")
             cursor = self._sql_connection.cursor()
             self._sql_cursors.add(cursor)
-        holder.append(cursor)
+        call.cursor = cursor
         try:
+            if call.cancelled:
+                raise DataflowError("SQL query cancelled before it started")
             # Without this, DuckDB would also resolve table names against
             # Python variables in the calling frames.
             cursor.execute("SET python_enable_replacements = false")
@@ -279,8 +282,8 @@ class UnifiedCoordinator:
             to_arrow = getattr(relation, "to_arrow_table", None) or relation.arrow
             return to_arrow()
         except duckdb.Error as exc:
-            shown = query if len(query) <= 200 else query[:200] + "..."
-            raise DataflowError(f"SQL query failed: {exc}\nquery: {shown}") from exc
+            excerpt = query if len(query) <= 200 else query[:200] + "..."
+            raise DataflowError(f"SQL query failed: {exc}\nquery: {excerpt}") from exc
         finally:
             with self._sql_lock:
                 self._sql_cursors.discard(cursor)
@@ -309,3 +312,44 @@ def _to_batches(table: pa.Table) -> list[pa.RecordBatch]:
     if batches or table.num_columns == 0:
         return batches
     return [pa.RecordBatch.from_pylist([], schema=table.schema)]
+
+
+def _pickle_steps(operators: list, factories: tuple) -> bytes:
+    """Pickle a stage's fresh operators, or its factories if an operator will not pickle.
+
+    Pickling the operators is about four times faster: each factory is a
+    closure that cloudpickle serialises by value, scanning sys.modules for
+    every module it refers to.
+    """
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps((protocol.OPERATORS, operators))
+    except Exception as exc:  # noqa: BLE001 - any operator state may refuse pickling
+        logger.debug("operators do not pickle (%s: %s); sending their factories",
+                     type(exc).__name__, exc)
+        return cloudpickle.dumps((protocol.FACTORIES, factories))
+
+
+class _SqlCall:
+    """Cancellation state of one query on an executor thread: its cursor, once
+    created, and whether the caller cancelled."""
+
+    def __init__(self):
+        self.cursor: Any = None
+        self.cancelled = False
+
+
+def _interrupt_until_done(loop: asyncio.AbstractEventLoop, done: Future, call: _SqlCall,
+                          interval: float = 0.05) -> None:
+    """Interrupt a cancelled query until its thread returns.
+
+    DuckDB (checked with 2.0.1) ignores an interrupt that arrives before the
+    query has begun, so a single call can be lost. Repeating it every
+    ``interval`` seconds reaches the query whenever it starts.
+    """
+    if done.done():
+        return
+    if call.cursor is not None:
+        call.cursor.interrupt()
+    loop.call_later(interval, _interrupt_until_done, loop, done, call, interval)

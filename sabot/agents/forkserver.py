@@ -1,12 +1,13 @@
 """The fork server: a single-threaded process that forks agents on request.
 
-The coordinator starts one fork server per pool, either by forking itself
-(the default: the fork server and its agents share the modules the caller
-has already imported, so an agent is ready in milliseconds) or by running
-``python -m sabot.agents.forkserver FD`` (a clean interpreter, about 0.2 s
-slower). Agents are forked from the fork server, never from the caller,
-so a replacement agent does not inherit threads, locks or sockets that
-the caller acquired after the pool started::
+The coordinator starts one fork server per pool. By default it forks
+itself, so the fork server and its agents have every module the caller
+has imported and an agent is ready in milliseconds. With the "spawn"
+start method it runs ``python -m sabot.agents.forkserver FD`` instead: a
+clean interpreter, about 0.15 s slower to start. Agents are forked from
+the fork server, never from the caller, so a replacement agent does not
+inherit threads, locks or sockets that the caller acquired after the
+pool started::
 
     coordinator ──control socket──> fork server ──fork──> agent 0, agent 1, ...
          └────────── one socketpair per agent ──────────────┘
@@ -14,7 +15,7 @@ the caller acquired after the pool started::
 The fork server reports each agent's pid when forked and its wait status
 when it exits. It stops its agents and exits when told to, or when the
 coordinator closes the control socket (including when the coordinator
-dies). Agents get SIGKILL from the kernel if the fork server dies.
+dies). On Linux, agents get SIGKILL from the kernel if the fork server dies.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import time
 import traceback
 
-from sabot.agents import protocol
+from sabot.agents import parent_death, protocol
 from sabot.agents.agent import agent_main
 
 #: Seconds the fork server waits after SIGTERM for agents to exit before SIGKILL.
@@ -50,7 +51,15 @@ class ForkServer:
         self.wakeup_write = -1
 
     def run(self) -> int:
-        """Serve control messages until told to stop; return the exit status."""
+        """Serve control messages until a STOP message or end of file; return the
+        exit status."""
+        try:
+            return self._serve()
+        finally:
+            self.control.close()
+
+    def _serve(self) -> int:
+        parent_death.prepare()
         self.wakeup_read, self.wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_read, False)
         os.set_blocking(self.wakeup_write, False)
@@ -159,14 +168,18 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def close_inherited_fds(keep: set[int]) -> None:
-    """Close the descriptors a forked child should not hold open.
+    """Close the sockets that a forked child should not keep open.
 
-    A forked child holds a copy of every descriptor of its parent. A copy of
-    a socket or pipe keeps the connection open after the parent closes it
-    (a peer waiting for end of file would wait as long as the pool lives),
-    so those are closed. Regular files and character devices (log files,
-    terminals, /dev/null) stay open so inherited logging handlers still work.
+    A forked child has a copy of every descriptor of its parent. A copy of
+    a socket keeps the connection open after the parent closes it (a peer
+    waiting for end of file, or a client of a listening socket, would wait
+    as long as the pool lives), so sockets are closed. Other descriptors
+    stay open: native libraries keep pipes and event descriptors of their
+    own (Arrow checks its signal pipe after a fork and aborts if it was
+    closed), and inherited logging handlers keep their files.
     """
+    # NOTE: a pipe the caller writes to a subprocess stays open here too, so
+    # that subprocess reads end of file only once the pool has stopped as well.
     try:
         names = os.listdir("/dev/fd")
     except OSError:
@@ -179,7 +192,7 @@ def close_inherited_fds(keep: set[int]) -> None:
             mode = os.fstat(fd).st_mode
         except OSError:
             continue  # closed already, or the descriptor of the listing itself
-        if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+        if not stat.S_ISSOCK(mode):
             continue
         try:
             os.close(fd)
@@ -207,9 +220,11 @@ def reset_inherited_state(control_fd: int) -> None:
         if callable(handler):
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The fork happened inside the coordinator's running event loop; user
-    # code in an agent must be able to start its own loop.
+    # The fork happened inside the coordinator's running event loop, whose
+    # epoll instance the child shares. Forget that loop, so that user code
+    # in an agent starts a loop of its own instead of touching this one.
     asyncio.events._set_running_loop(None)
+    asyncio.set_event_loop(None)
     close_inherited_fds({control_fd})
 
 

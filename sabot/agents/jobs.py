@@ -1,4 +1,4 @@
-"""How a bounded job is cut up for the agent pool: its stages and its partitions.
+"""Planning of a bounded job for the agent pool: its stages and its partitions.
 
 A job without stateful operators is one stage: the input is cut into
 contiguous slices, one per agent, and the outputs are concatenated in
@@ -8,6 +8,11 @@ reaching it are partitioned by the ``_key`` column that ``key_by`` sets
 (or by the column named by ``Stream.key``), and every row of a key goes to
 one agent in input order. A stateful operator on an unkeyed stream runs
 the whole job on one agent.
+
+NOTE: an event-time window on an agent receives only its keys' rows, so
+its watermark can trail the one ``collect()`` computes over all rows. The pool
+then drops fewer records as late, and results differ from ``collect()``
+when the input has late records. On input in event-time order they match.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ from sabot.stream import operators as ops
 
 logger = logging.getLogger(__name__)
 
-# How a stage's input is divided between agents.
+# Partitioning modes: the division of a stage's input between agents.
 SPLIT = "split"      # contiguous slices, one per agent
 BY_KEY = "by-key"    # every row of a key on one agent
 SINGLE = "single"    # everything on one agent
 LOCAL = "local"      # in the coordinator's process, without IPC
+
+#: Minimum input rows per partition. A partition costs a round trip to an
+#: agent (0.35 ms median on a 2-core x86_64 machine, measured by
+#: benchmarks/overhead.py), which vectorised operators spend on roughly this
+#: many rows (an estimate), so a smaller input runs on fewer agents.
+MIN_ROWS_PER_PARTITION = 8_192
 
 # Operators that only rearrange columns, without user code: a stage made
 # of these alone costs less to run in-process than a round trip to agents.
@@ -96,21 +107,23 @@ def plan_stages(operators: list[ops.Operator], stream_key: str | None) -> list[S
         prefix = operators[:first]
         column_only = all(type(op) in _COLUMN_ONLY for op in prefix)
         stages.append(Stage(0, first, LOCAL if column_only else SPLIT))
-    for start, end in zip(cuts, [*cuts[1:], count]):
+    for start, end in zip(cuts, [*cuts[1:], count], strict=True):
         stages.append(Stage(start, end, BY_KEY))
     return stages
 
 
-def split_contiguous(batches: list[pa.RecordBatch], parts: int) -> list[list[pa.RecordBatch]]:
+def split_contiguous(batches: list[pa.RecordBatch], parts: int,
+                     min_rows: int = MIN_ROWS_PER_PARTITION) -> list[list[pa.RecordBatch]]:
     """Cut batches into at most ``parts`` runs of consecutive rows of near-equal size.
 
+    Each run gets at least ``min_rows`` rows, so a small input makes fewer runs.
     Batch boundaries inside a run are kept; a batch that straddles a cut
     is sliced, without copying. Empty runs are left out.
     """
     total = sum(batch.num_rows for batch in batches)
-    if parts <= 1 or total <= 1:
+    parts = min(parts, total // max(1, min_rows) or 1)
+    if parts <= 1:
         return [batches]
-    parts = min(parts, total)
     base, extra = divmod(total, parts)
     sizes = [base + 1 if i < extra else base for i in range(parts)]
     runs: list[list[pa.RecordBatch]] = []
@@ -141,14 +154,17 @@ def find_key_column(schema: pa.Schema, stream_key: str | None) -> str | None:
     return None
 
 
-def split_by_key(table: pa.Table, column: str, parts: int) -> list[pa.Table]:
+def split_by_key(table: pa.Table, column: str, parts: int,
+                 min_rows: int = MIN_ROWS_PER_PARTITION) -> list[pa.Table]:
     """Partition rows so that every row of a key lands in one part, in input order.
 
     Distinct keys are numbered in order of first appearance and dealt out
-    round-robin, so the parts have about as many keys each. A key type
-    that Arrow cannot dictionary-encode (lists, structs) gives one part.
+    round-robin, so the parts have about as many keys each. There are at
+    most ``table.num_rows // min_rows`` parts. A key type that Arrow cannot
+    dictionary-encode (lists, structs) gives one part.
     """
-    if parts <= 1 or table.num_rows == 0:
+    parts = min(parts, table.num_rows // max(1, min_rows) or 1)
+    if parts <= 1:
         return [table]
     keys = table.column(column).combine_chunks()
     if pa.types.is_dictionary(keys.type):
@@ -169,14 +185,18 @@ def split_by_key(table: pa.Table, column: str, parts: int) -> list[pa.Table]:
 
 
 def combine(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate partition outputs in partition order, as one chunk like ``collect()``."""
+    """Concatenate partition outputs in partition order, without copying.
+
+    Each column has one chunk per partition with output rows, where
+    ``collect()`` gives one chunk in all; the values are the same.
+    """
     filled = [table for table in tables if table.num_rows]
     if not filled:
         return tables[0] if tables else pa.table({})
     if len(filled) == 1:
         return filled[0]
     try:
-        return pa.concat_tables(filled).combine_chunks()
+        return pa.concat_tables(filled)
     except pa.ArrowInvalid as exc:
         schemas = "; ".join(f"partition {i}: {t.schema.to_string(show_schema_metadata=False)}"
                             .replace("\n", ", ") for i, t in enumerate(filled))

@@ -1,4 +1,4 @@
-"""The pool of long-lived agent processes, as the coordinator's event loop sees it.
+"""The coordinator's side of the pool of long-lived agent processes.
 
 ``AgentPool`` starts the fork server and N agents once, hands tasks to idle
 agents in submission order, and replaces an agent that dies. Everything
@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -171,7 +172,14 @@ class AgentPool:
                 # Imported before the fork so that agents inherit them.
                 from sabot.agents import forkserver
 
-                pid = os.fork()
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns on fork() in a process with threads.
+                    # The child only resets state and serves forks; see
+                    # forkserver.reset_inherited_state(). start_method="spawn"
+                    # avoids the fork entirely.
+                    warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                            message=".*fork")
+                    pid = os.fork()
                 if pid == 0:
                     ours.close()
                     forkserver.run_forked(theirs.fileno())
@@ -181,6 +189,9 @@ class AgentPool:
                     [sys.executable, "-m", "sabot.agents.forkserver", str(theirs.fileno())],
                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
                 self._server_pid = self._server_popen.pid
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -221,39 +232,38 @@ class AgentPool:
         logger.info("agent pool stopped")
 
     def kill(self) -> None:
-        """Kill and reap the fork server at once and close every socket; synchronous."""
+        """Kill and reap the fork server at once, and fail every task left; synchronous.
+
+        The agents die with the fork server. A socket with a read pending is
+        shut down rather than closed, so that the coroutine waiting on it
+        reads end of file and closes it. Closing it here could let its
+        descriptor number be reused while the event loop still polls it.
+        """
         self._stopping = True
         if self._server_pid:
-            if self._server_popen is not None:
-                if self._server_popen.poll() is None:
-                    self._server_popen.kill()
-                self._server_popen.wait()
-            else:
-                try:
-                    os.kill(self._server_pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
-                    os.waitpid(self._server_pid, 0)
-                except ChildProcessError:
-                    pass
-            self._server_pid = 0
-        if self._reader is not None:
-            self._reader.cancel()
-        for task in list(self._background):
-            task.cancel()
+            if self._server_popen is not None and self._server_popen.poll() is None:
+                self._server_popen.kill()
+            elif self._server_popen is None:
+                _kill(self._server_pid)
+            self._reap_server()
         for slot in [*self.slots, *self._starting.values()]:
             if slot is None:
                 continue
-            slot.sock.close()
             if not slot.exit_status.done():
                 slot.exit_status.set_result("was stopped with the pool")
             if slot.task is not None and not slot.task.future.done():
                 slot.task.future.set_exception(AgentError(
                     f"job {slot.task.job_id} was still running on {slot.name} when the "
                     f"coordinator shut down"))
+            if slot.state in (BUSY, STARTING):
+                _shutdown_socket(slot.sock)
+            else:
+                slot.sock.close()
         if self._control is not None:
-            self._control.close()
+            if self._reader is not None and not self._reader.done():
+                _shutdown_socket(self._control)
+            else:
+                self._control.close()
         self._fail_pending("the coordinator shut down before the job ran")
 
     # -- tasks ------------------------------------------------------------------------
@@ -286,10 +296,7 @@ class AgentPool:
             if slot is not None and slot.state == BUSY and slot.task in dropped and slot.pid:
                 slot.cancelled_task = True
                 logger.info("stopping %s to cancel job %d", slot.name, slot.task.job_id)
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill(slot.pid)
 
     def _dispatch(self) -> None:
         while self._pending and self._idle:
@@ -307,6 +314,20 @@ class AgentPool:
             kind, body = await self._exchange(slot, task)
         except (EOFError, OSError):
             await self._on_agent_death(slot, task)
+            return
+        except asyncio.CancelledError:
+            # Cancelled with the event loop: the agent may be mid-task, so it
+            # cannot take another one.
+            slot.state = DEAD
+            slot.sock.close()
+            raise
+        except Exception as exc:  # a reply out of protocol: the agent is replaced
+            logger.exception("%s sent an invalid reply; killing it", slot.name)
+            if not task.future.done():
+                task.future.set_exception(exc)
+            slot.cancelled_task = True  # its death is expected, so it is not reported
+            _kill(slot.pid)
+            await self._on_agent_death(slot, None)
             return
         slot.state = IDLE
         slot.task = None
@@ -332,7 +353,8 @@ class AgentPool:
         kind, task_id, length = protocol.RESPONSE.unpack(
             await _recv_exact(loop, sock, protocol.RESPONSE.size))
         if task_id != task.id:
-            raise AgentError(f"{slot.name} answered task {task_id} instead of task {task.id}")
+            raise AgentError(f"{slot.name} returned the result of task {task_id} while "
+                             f"task {task.id} was expected")
         body = await _recv_exact(loop, sock, length) if length else bytearray()
         return kind, body
 
@@ -362,9 +384,10 @@ class AgentPool:
     def _fail_or_retry(self, slot: AgentSlot, task: Task, how: str) -> None:
         if task.retriable and task.attempts < 2:
             logger.warning("%s %s while running job %d partition %d; retrying the "
-                           "partition once on another agent", slot.name, how, task.job_id,
+                           "partition once on the next free agent", slot.name, how, task.job_id,
                            task.partition)
             self._pending.appendleft(task)
+            self._dispatch()
         else:
             logger.error("%s %s while running job %d partition %d; the job fails and "
                          "a replacement agent is starting", slot.name, how, task.job_id,
@@ -490,6 +513,8 @@ class AgentPool:
                 self._on_control(message)
         except (EOFError, OSError):
             pass
+        finally:
+            control.close()
         self._server_gone.set()
         if not self._stopping:
             await self._restart_server()
@@ -521,7 +546,7 @@ class AgentPool:
                 self._spawn_background(self._on_agent_death(slot, None), "sabot-agent-death")
             elif slot.state in (BUSY, STARTING):
                 # Makes the pending read return end of file even if a process
-                # the agent started still holds the other end of the socket.
+                # that the agent started still has the other end open.
                 try:
                     slot.sock.shutdown(socket.SHUT_RD)
                 except OSError:
@@ -539,7 +564,6 @@ class AgentPool:
                 slot.exit_status.set_result(f"was killed because the fork server {how}")
         self._idle.clear()
         self._by_pid.clear()
-        self._control.close()
         delay = 0.1
         while not self._stopping:
             try:
@@ -552,8 +576,8 @@ class AgentPool:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            # Busy slots see end of file and fail or requeue their tasks;
-            # every index gets a new agent here.
+            # Busy slots read end of file and fail or requeue their tasks.
+            # Every index gets a new agent here.
             for slot in agents:
                 self.replacements += 1
                 self._add_ready(slot)
@@ -579,6 +603,22 @@ class AgentPool:
             task = self._pending.popleft()
             if not task.future.done():
                 task.future.set_exception(AgentError(f"job {task.job_id}: {reason}"))
+
+
+def _kill(pid: int) -> None:
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # exited already
+
+
+def _shutdown_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more, or closed already
 
 
 def _popen_status(returncode: int) -> int:

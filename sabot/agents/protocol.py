@@ -4,7 +4,8 @@ Coordinator and agent talk over one Unix stream socketpair per agent. A
 request is a fixed header followed by two byte strings::
 
     REQUEST  <kind:u8> <task_id:u64> <steps_len:u32> <payload_len:u64>
-             <steps: cloudpickle of the Stream's step factories>
+             <steps: cloudpickle of (OPERATORS, operator instances)
+                     or of (FACTORIES, the Stream's step factories)>
              <payload: Arrow IPC stream of the input batches>
 
     RESPONSE <kind:u8> <task_id:u64> <payload_len:u64>
@@ -32,6 +33,12 @@ CONTROL_LENGTH = struct.Struct("<I")
 
 # Request kinds.
 RUN = 1
+
+# Forms of a request's steps: operators just built by their factories
+# (cheaper to pickle, because the factories are closures), or the factories
+# themselves when an operator cannot be pickled.
+OPERATORS = "operators"
+FACTORIES = "factories"
 
 # Response kinds.
 OK = 1
