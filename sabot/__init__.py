@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AgentError": "sabot.errors",
+    "Aggregation": "sabot.stream.windows",
     "BrokerError": "sabot.errors",
     "CodecError": "sabot.errors",
     "ConfigError": "sabot.errors",
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from sabot.errors import (AgentError, BrokerError, CodecError, ConfigError,
                               DataflowError, SabotError, SchemaError)
     from sabot.stream.core import Stream
-    from sabot.stream.windows import hopping, session, tumbling
+    from sabot.stream.windows import Aggregation, hopping, session, tumbling
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ import sabot
 
 EXPECTED = [
     "AgentError",
+    "Aggregation",
     "BrokerError",
     "CodecError",
     "ConfigError",

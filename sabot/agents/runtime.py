@@ -4,9 +4,13 @@ One worker is one consumer-group member. It has one consumer subscribed to
 the source topics of every dataflow of the app and one shared producer.
 Each fetch is processed under a lock:
 
-    getmany ──> per partition: decode ──> each dataflow's pipeline ──> sink
-                                   └──> dead-letter topic (bad values)
-            ──> await every send's acknowledgement ──> commit offsets
+    fetch ──> per partition: decode ──> each dataflow's pipeline ──> sink
+                                 └──> dead-letter topic (bad values)
+          ──> await every send's acknowledgement ──> commit offsets
+
+The fetch is the consumer's ``getmany`` (``fetcher="aiokafka"``) or the
+:class:`~sabot.kafka.fetch.ArrowFetcher` (``fetcher="arrow"``), which reads
+record batches into Arrow columns while the consumer keeps the group.
 
 The rebalance listener takes the same lock before partitions are revoked,
 so a revoked partition's in-flight batch is sent and committed first.
@@ -30,8 +34,11 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from sabot import ext
 from sabot.agents.records import build_batch
 from sabot.agents.sink import TopicSink
-from sabot.errors import DataflowError
+from sabot.codecs import JsonCodec
+from sabot.errors import DataflowError, SabotError
 from sabot.kafka.admin import ensure_topics
+from sabot.kafka.fetch import ArrowFetcher
+from sabot.state.manager import StateManager
 from sabot.stream.core import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ class Stats:
     consumed: int = 0
     produced: int = 0
     dead_letters: int = 0
+    #: Records of windowed dataflows that arrived after their windows closed.
+    late: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     #: time.monotonic() of the first non-empty fetch and of the last commit.
@@ -96,11 +105,19 @@ class _RebalanceListener(ConsumerRebalanceListener):
             for agent in self.worker.agents:
                 for tp in revoked:
                     agent.pipelines.pop(tp, None)
+            self.worker.state.revoke(revoked)
+            if self.worker.fetcher is not None:
+                self.worker.fetcher.revoke(revoked)
         if revoked:
             logger.info("partitions revoked: %s", _tps(revoked))
 
     async def on_partitions_assigned(self, assigned):
         logger.info("partitions assigned: %s", _tps(assigned) or "none")
+        fetcher = self.worker.fetcher
+        if fetcher is not None:
+            # The consumer's own fetcher stays idle; the Arrow fetcher reads them.
+            self.worker.consumer.pause(*assigned)
+            fetcher.assign(assigned)
         self.worker.assigned.set()
 
 
@@ -120,6 +137,7 @@ class Worker:
         self.by_topic: dict[str, list[DataflowAgent]] = defaultdict(list)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.fetcher: ArrowFetcher | None = None
         self.assigned = asyncio.Event()
         self.failure: BaseException | None = None
         self._stopping = False
@@ -127,6 +145,7 @@ class Worker:
         self._progress_task: asyncio.Task | None = None
         self._dead_letters_logged = 0
         self.positions: dict[TopicPartition, int] = {}
+        self.state = StateManager(self)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -163,6 +182,7 @@ class Worker:
             self.agents.append(agent)
             for topic in flow.topics:
                 self.by_topic[topic].append(agent)
+        await self.state.start(self.agents)
 
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -176,6 +196,9 @@ class Worker:
             fetch_max_bytes=settings.fetch_max_bytes,
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
+        if settings.fetcher == "arrow":
+            self.fetcher = self._make_fetcher(sources)
+            await self.fetcher.start()
         self.consumer.subscribe(sources, listener=_RebalanceListener(self))
         await self.consumer.start()
         self._log_banner(sources, sinks)
@@ -184,13 +207,27 @@ class Worker:
         if settings.progress_interval:
             self._progress_task = asyncio.create_task(self._report_progress())
 
+    def _make_fetcher(self, sources) -> ArrowFetcher:
+        settings = self.settings
+        json_topics = frozenset(topic for agent in self.agents
+                                if isinstance(agent.flow.codec, JsonCodec)
+                                for topic in agent.flow.topics)
+        return ArrowFetcher(
+            self.consumer, self.app.bootstrap_servers, topics=sources,
+            client_id=f"{self.app.id}-fetcher-{os.getpid()}",
+            auto_offset_reset=settings.auto_offset_reset,
+            max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+            fetch_max_bytes=settings.fetch_max_bytes,
+            check_crcs=settings.check_crcs, join_topics=json_topics)
+
     def _log_banner(self, sources, sinks) -> None:
         app = self.app
         logger.info(
             "worker starting: app=%s broker=%s group=%s sources=%s sinks=%s dlq=%s "
-            "guarantee=at-least-once dataflows=%s pid=%d cython_kernels=%s",
+            "guarantee=at-least-once dataflows=%s pid=%d fetcher=%s cython_kernels=%s",
             app.id, app.broker, app.group_id, ",".join(sources), ",".join(sinks) or "-",
             app.dead_letter_topic, ",".join(app.dataflows), os.getpid(),
+            self.settings.fetcher,
             "loaded" if ext.USING_EXTENSIONS else "not loaded (pure-Python twins)",
         )
         if not ext.USING_EXTENSIONS and not os.environ.get("SABOT_NO_EXTENSIONS"):
@@ -225,11 +262,15 @@ class Worker:
                 self._task.cancel()
         if self._progress_task is not None:
             self._progress_task.cancel()
+        await self.state.stop()
         if self.producer is not None:
             try:
                 await self.producer.flush()
             finally:
                 await self.producer.stop()
+        if self.fetcher is not None:
+            await self.fetcher.close()
+            self.fetcher = None
         if self.consumer is not None:
             await self.consumer.stop()  # leaves the group
         if self.consumer is not None or self.producer is not None:
@@ -244,13 +285,22 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------
 
+    async def _fetch(self) -> dict:
+        """Return the next records of the assigned partitions, by partition."""
+        if self.fetcher is None:
+            return await self.consumer.getmany(timeout_ms=200,
+                                               max_records=self.settings.max_records)
+        # Every assigned partition is paused, so this returns no records. It
+        # raises the group's errors, waits out a rebalance, and counts as the
+        # poll that max_poll_interval_ms expects.
+        await self.consumer.getmany(timeout_ms=0)
+        return await self.fetcher.fetch(0.2, self.settings.max_records)
+
     async def _consume_loop(self) -> None:
-        consumer = self.consumer
         while not self._stopping:
             try:
-                fetched = await consumer.getmany(timeout_ms=200,
-                                                 max_records=self.settings.max_records)
-            except KafkaError as exc:
+                fetched = await self._fetch()
+            except (KafkaError, SabotError) as exc:
                 if not exc.retriable:
                     self.failure = exc
                     logger.exception("fetch failed with a non-retriable error")
@@ -263,6 +313,12 @@ class Worker:
             if self.stats.first_fetch is None:
                 self.stats.first_fetch = time.monotonic()
             async with self.lock:
+                if self.fetcher is not None:
+                    # Partitions revoked while this fetch waited for the lock.
+                    fetched = {tp: records for tp, records in fetched.items()
+                               if self.fetcher.is_assigned(tp)}
+                    if not fetched:
+                        continue
                 try:
                     await self._process(fetched)
                 except DataflowError as exc:
@@ -293,9 +349,10 @@ class Worker:
                         dead += len(decoded.errors)
                         futures.extend(await self._dead_letter(tp, records, decoded.errors,
                                                                codec.name))
-                batch = cached[0]
+                pipeline = await self.state.open(agent, tp)
+                batch = self.state.skip_applied(agent, tp, cached[0])
                 try:
-                    outputs = agent.pipeline(tp).process(batch)
+                    outputs = pipeline.process(batch)
                 except Exception as exc:
                     raise DataflowError(
                         f"dataflow {agent.flow.name!r} raised {type(exc).__name__}: {exc} "
@@ -304,11 +361,14 @@ class Worker:
                 sent = await agent.emit(outputs)
                 self.stats.produced += sum(b.num_rows for b in outputs) if sent else 0
                 futures.extend(sent)
+                futures.extend(await self.state.write(agent, tp, records[-1].offset))
             consumed += len(records)
             commits[tp] = records[-1].offset + 1
 
         if futures:
             await asyncio.gather(*futures)
+        # State markers go out only after every send above was acknowledged.
+        await self.state.mark()
         await self._commit(commits)
         self.positions.update(commits)
         self.stats.consumed += consumed
@@ -396,7 +456,10 @@ class Worker:
             return -1
         total = 0
         for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
+            if self.fetcher is not None:
+                highwater = self.fetcher.highwater(tp)
+            else:
+                highwater = consumer.highwater(tp)
             position = self.positions.get(tp)
             if highwater is None or position is None:
                 continue

@@ -41,6 +41,7 @@ class Sabot:
         self.bootstrap_servers = parse_broker_url(self.broker)
         self.settings = Settings.from_kwargs(settings)
         self.dataflows: dict[str, Dataflow] = {}
+        self.tables: dict[str, Any] = {}
         self.worker = None
         self._stopping: asyncio.Event | None = None
 
@@ -74,6 +75,22 @@ class Sabot:
             return fn
 
         return register
+
+    def table(self, name: str, key: str):
+        """Register a keyed table; a dataflow updates it with ``stream.then(table.update(fn))``.
+
+        Its rows are kept per source partition of that dataflow and logged to
+        the compacted topic ``{app_id}-{name}-changelog``, from which a worker
+        restores them when it is assigned the partition. See
+        :class:`sabot.state.table.Table`.
+        """
+        from sabot.state.table import Table
+
+        if name in self.tables:
+            raise ConfigError(f"a table named {name!r} is already registered on app "
+                              f"{self.id!r}")
+        table = self.tables[name] = Table(name, key)
+        return table
 
     # -- lifecycle --------------------------------------------------------------------
 
