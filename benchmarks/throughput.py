@@ -10,6 +10,8 @@ every contender reads the whole topic with its own consumer group:
                         (with the ``bench`` extra), the other client Sabot could use
   sabot big_orders      filter amount > 50, select id and amount, JSON out
   sabot stateless       filter amount > 50, add a computed column, JSON out
+                        (each once per --fetchers choice: "arrow" reads record
+                        batches into Arrow columns, "aiokafka" uses getmany)
   faust, quix           the stateless pipeline in Faust and in Quix Streams
                         (the ``bench`` extra), each in its own process over
                         the first --peer-messages messages of the same topic
@@ -191,9 +193,10 @@ class RssSampler:
             await asyncio.sleep(0.25)
 
 
-async def run_sabot(bootstrap: str, topic: str, count: int, flow, name: str):
+async def run_sabot(bootstrap: str, topic: str, count: int, flow, name: str,
+                    fetcher: str = "arrow"):
     app = Sabot(f"bench-{name}-{uuid.uuid4().hex[:6]}", broker=f"kafka://{bootstrap}",
-                session_timeout_ms=6000, progress_interval=0, **FETCH)
+                session_timeout_ms=6000, progress_interval=0, fetcher=fetcher, **FETCH)
     app.dataflow(topic, sink=f"{topic}-{name}-out", name=name)(flow)
     sampler = RssSampler()
     await app.start()
@@ -269,10 +272,13 @@ async def main(args) -> None:
             print(f"confluent-kafka consume {confluent:>9,.0f} msgs/s", flush=True)
         rss = {}
         for name, flow in (("big_orders", big_orders), ("stateless", stateless)):
-            rate, samples = await run_sabot(bootstrap, topic, args.messages, flow, name)
-            results[f"sabot {name}"] = rate
-            rss[name] = describe_rss(samples)
-            print(f"sabot {name:<15}{rate:>12,.0f} msgs/s   ({rss[name]})", flush=True)
+            for fetcher in args.fetchers:
+                label = sabot_label(name, fetcher, args.fetchers)
+                rate, samples = await run_sabot(bootstrap, topic, args.messages, flow, name,
+                                                fetcher)
+                results[label] = rate
+                rss[label] = describe_rss(samples)
+                print(f"{label:<21}{rate:>12,.0f} msgs/s   ({rss[label]})", flush=True)
         peer_count = min(args.peer_messages, args.messages)
         for name in args.peers:
             rate = run_peer(name, bootstrap, topic, peer_count)
@@ -288,18 +294,30 @@ async def main(args) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, kernels: "
           f"{'compiled' if ext.USING_EXTENSIONS else 'pure-Python twins'}")
-    for name in ("sabot big_orders", "sabot stateless"):
-        print(f"{name:<18} / raw consume = {results[name] / raw:.2f}   "
-              f"/ raw consume+produce = {results[name] / raw_cp:.2f}")
+    for flow in ("big_orders", "stateless"):
+        for fetcher in args.fetchers:
+            name = sabot_label(flow, fetcher, args.fetchers)
+            print(f"{name:<21} / raw consume = {results[name] / raw:.2f}   "
+                  f"/ raw consume+produce = {results[name] / raw_cp:.2f}")
+        if len(args.fetchers) == 2:
+            arrow, aiokafka = (results[sabot_label(flow, f, args.fetchers)]
+                               for f in ("arrow", "aiokafka"))
+            print(f"sabot {flow} arrow / aiokafka fetcher = {arrow / aiokafka:.2f}")
     peers = [results[name] for name in args.peers if name in results]
     if peers:
+        stateless_rate = results[sabot_label("stateless", args.fetchers[0], args.fetchers)]
         fastest = max(peers)
         for name in args.peers:
             if name in results:
-                print(f"sabot stateless / {name} = {results['sabot stateless'] / results[name]:.1f}")
-        print(f"sabot stateless / the faster peer = {results['sabot stateless'] / fastest:.1f}")
+                print(f"sabot stateless / {name} = {stateless_rate / results[name]:.1f}")
+        print(f"sabot stateless / the faster peer = {stateless_rate / fastest:.1f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process over the whole run: {peak:.0f} MiB")
+
+
+def sabot_label(flow: str, fetcher: str, fetchers: list[str]) -> str:
+    """Name a Sabot run; the fetcher is named only when several are compared."""
+    return f"sabot {flow}" if len(fetchers) == 1 else f"sabot {flow} ({fetcher})"
 
 
 if __name__ == "__main__":
@@ -310,6 +328,10 @@ if __name__ == "__main__":
                         help="messages each peer framework processes (default 200,000)")
     parser.add_argument("--peers", nargs="*", default=["faust", "quix"],
                         choices=sorted(PEERS), help="peer frameworks to run (default both)")
+    parser.add_argument("--fetchers", nargs="+", default=["arrow", "aiokafka"],
+                        choices=["arrow", "aiokafka"],
+                        help="Sabot's fetcher setting for the Sabot runs; each runs in turn "
+                             "(default both, arrow first)")
     arguments = parser.parse_args()
     loop = new_event_loop()
     try:

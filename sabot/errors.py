@@ -9,6 +9,7 @@ The tree::
      +-- DataflowError                        user code in a dataflow raised
      +-- BrokerError                          the broker failed or cannot be reached
      |    +-- BrokerStartError                the embedded broker did not come up
+     |    +-- CorruptRecordError              fetched record batches are malformed
      +-- AgentError                           an agent process died or failed a job
      +-- MissingExtraError (also ImportError) an optional package is not installed
 
@@ -52,6 +53,15 @@ class BrokerError(SabotError):
 
 class BrokerStartError(BrokerError):
     """The embedded broker process did not start or did not answer."""
+
+    retriable = False
+
+
+class CorruptRecordError(BrokerError):
+    """Fetched Kafka record batches are malformed or fail their CRC-32C check.
+
+    Not retriable, because fetching the same offsets again returns the same bytes.
+    """
 
     retriable = False
 

@@ -3,7 +3,7 @@
 Every kernel test runs on both implementations through the ``kernels``
 fixture; the property tests compare the compiled kernels with the twins.
 The encoders are tested in test_ext_encode.py, the records kernel in
-test_ext_records.py.
+test_ext_records.py, the record batch kernel in test_fetch.py.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def test_selection_matches_environment():
     assert ext.encode_json_rows is ext.kernels.encode_json_rows
     assert ext.encode_msgpack_rows is ext.kernels.encode_msgpack_rows
     assert ext.record_columns is ext.kernels.record_columns
+    assert ext.parse_record_batches is ext.kernels.parse_record_batches
 
 
 def test_no_extensions_forces_twins():
@@ -79,7 +80,7 @@ def test_no_extensions_forces_twins():
 
 def test_compiled_module_satisfies_protocol(compiled):
     for name in ("murmur2", "partitions_for_keys", "encode_json_rows",
-                 "encode_msgpack_rows", "record_columns"):
+                 "encode_msgpack_rows", "record_columns", "parse_record_batches"):
         assert callable(getattr(compiled, name)), name
         assert callable(getattr(_twins, name)), name
     assert compiled.__name__ == "sabot.ext._compiled"
@@ -210,7 +211,7 @@ def test_setup_py_builds_importable_kernels(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not compile" not in result.stderr, result.stderr
     built = sorted(p.name.split(".")[0] for p in (build_lib / "sabot" / "ext").glob("*.so"))
-    assert built == ["_encode", "_partition", "_records"]
+    assert built == ["_batches", "_encode", "_partition", "_records"]
 
     spec = importlib.util.spec_from_file_location(
         "sabot.ext._partition", next((build_lib / "sabot" / "ext").glob("_partition.*.so")))

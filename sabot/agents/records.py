@@ -9,16 +9,29 @@ import pyarrow as pa
 
 from sabot import ext
 from sabot.codecs import Codec, Decoded, JsonCodec
+from sabot.kafka.fetch import PartitionBatch
 
 
-def build_batch(records: Sequence, partition: int, codec: Codec) -> tuple[pa.RecordBatch,
-                                                                          Decoded, np.ndarray]:
+def build_batch(records: Sequence | PartitionBatch, partition: int,
+                codec: Codec) -> tuple[pa.RecordBatch, Decoded, np.ndarray]:
     """Decode ``records`` and add the ``_key``, ``_partition``, ``_offset``, ``_timestamp``
-    columns; return the batch, the codec's result and the records' offsets."""
+    columns; return the batch, the codec's result and the records' offsets.
+
+    ``records`` is the list of ConsumerRecords of one partition from
+    ``getmany``, or the :class:`PartitionBatch` of the Arrow fetcher.
+    """
     # The JSON codec reads all values as one newline-separated buffer; the
     # kernel joins them in the same pass that collects the other columns.
     join_values = isinstance(codec, JsonCodec)
-    values, keys, offsets, timestamps, joined = ext.record_columns(records, join_values)
+    if isinstance(records, PartitionBatch):
+        columns = records.columns
+        keys, offsets, timestamps = columns.keys, columns.offsets, columns.timestamps
+        joined = columns.joined if join_values else None
+        # The JSON codec takes the binary array as it is; the others read
+        # the values one by one anyway.
+        values = columns.values if joined is not None else columns.values.to_pylist()
+    else:
+        values, keys, offsets, timestamps, joined = ext.record_columns(records, join_values)
     decoded = codec.decode(values, joined=joined) if join_values else codec.decode(values)
     batch = decoded.batch
     rows = decoded.rows_from

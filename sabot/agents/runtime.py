@@ -115,7 +115,7 @@ class _RebalanceListener(ConsumerRebalanceListener):
         logger.info("partitions assigned: %s", _tps(assigned) or "none")
         fetcher = self.worker.fetcher
         if fetcher is not None:
-            # The consumer's own fetcher stays idle; the Arrow fetcher reads them.
+            # The consumer's own fetcher stays idle, and the Arrow fetcher reads them.
             self.worker.consumer.pause(*assigned)
             fetcher.assign(assigned)
         self.worker.assigned.set()

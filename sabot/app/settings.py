@@ -31,6 +31,14 @@ class Settings:
     session_timeout_ms: int = 10_000
     #: Upper bound on the records one fetch returns across all partitions.
     max_records: int = 20_000
+    #: How the worker fetches records. "arrow" sends the Fetch requests itself
+    #: and reads the record batches straight into Arrow columns. "aiokafka"
+    #: uses the consumer's ``getmany``, one Python object per record. Both
+    #: keep group membership and commits in the aiokafka consumer.
+    fetcher: str = "arrow"
+    #: Whether the "arrow" fetcher verifies each record batch's CRC-32C, as
+    #: aiokafka's consumer does by default.
+    check_crcs: bool = True
     #: Bytes fetched per partition per request.
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     #: Bytes fetched per request across all partitions.
@@ -80,6 +88,10 @@ class Settings:
             raise ConfigError(
                 f"setting auto_offset_reset must be 'earliest' or 'latest', "
                 f"got {self.auto_offset_reset!r}"
+            )
+        if self.fetcher not in ("arrow", "aiokafka"):
+            raise ConfigError(
+                f"setting fetcher must be 'arrow' or 'aiokafka', got {self.fetcher!r}"
             )
         if self.acks not in (0, 1, "all", -1):
             raise ConfigError(f"setting acks must be 0, 1 or 'all', got {self.acks!r}")

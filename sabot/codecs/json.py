@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import logging
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from sabot import ext
@@ -29,16 +31,19 @@ class JsonCodec(Codec):
     def __init__(self, schema: pa.Schema | None = None):
         self.schema = schema
 
-    def decode(self, values: list[bytes | None],
+    def decode(self, values: list[bytes | None] | pa.Array,
                joined: JoinedValues | None = None) -> Decoded:
         """Decode ``values``, reading them from ``joined`` when it is given.
 
-        ``joined`` is what ``sabot.ext.record_columns(..., join_values=True)``
-        returns for the same values, so they are not joined a second time.
+        ``values`` is a list of bytes or None, or a binary array. ``joined``
+        is the same values joined as ``sabot.ext.record_columns`` and
+        ``sabot.ext.parse_record_batches`` join them with ``join_values=True``,
+        so they are not joined a second time.
         """
+        if joined is None and isinstance(values, pa.Array):
+            values = values.to_pylist()
         if joined is None or joined.empty_count:
-            bad = [(i, "empty value: expected a JSON object")
-                   for i, value in enumerate(values) if not value]
+            bad = [(i, "empty value: expected a JSON object") for i in _empty_rows(values)]
         else:
             bad = []
         if len(bad) == len(values):
@@ -49,6 +54,8 @@ class JsonCodec(Codec):
         else:
             batch = self._parse(values if not bad else [v for v in values if v])
         if batch is None:
+            if isinstance(values, pa.Array):
+                values = values.to_pylist()
             return self._decode_slowly(values, bad)
         return Decoded(batch, without_rows(len(values), bad), bad)
 
@@ -134,6 +141,14 @@ class JsonCodec(Codec):
 
     def encode(self, batch: pa.RecordBatch) -> list[bytes]:
         return ext.encode_json_rows(batch)
+
+
+def _empty_rows(values: list[bytes | None] | pa.Array) -> list[int]:
+    """Return the indices of the values that are None or empty."""
+    if isinstance(values, pa.Array):
+        empty = pc.fill_null(pc.equal(pc.binary_length(values), 0), True)
+        return np.flatnonzero(empty.to_numpy(zero_copy_only=False)).tolist()
+    return [i for i, value in enumerate(values) if not value]
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:

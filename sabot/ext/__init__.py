@@ -12,7 +12,7 @@ import logging
 import os
 
 from sabot.ext import _twins
-from sabot.ext._protocols import JoinedValues, Kernels, RecordColumns
+from sabot.ext._protocols import FetchedColumns, JoinedValues, Kernels, RecordColumns
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,11 @@ partitions_for_keys = kernels.partitions_for_keys
 encode_json_rows = kernels.encode_json_rows
 encode_msgpack_rows = kernels.encode_msgpack_rows
 record_columns = kernels.record_columns
+parse_record_batches = kernels.parse_record_batches
 
 __all__ = [
     "USING_EXTENSIONS",
+    "FetchedColumns",
     "JoinedValues",
     "Kernels",
     "RecordColumns",
@@ -45,6 +47,7 @@ __all__ = [
     "encode_msgpack_rows",
     "kernels",
     "murmur2",
+    "parse_record_batches",
     "partitions_for_keys",
     "record_columns",
 ]

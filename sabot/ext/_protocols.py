@@ -40,6 +40,31 @@ class RecordColumns(NamedTuple):
     joined: JoinedValues | None
 
 
+class FetchedColumns(NamedTuple):
+    """The columns of the records in one partition's fetched record batches."""
+
+    #: The record offsets, int64.
+    offsets: np.ndarray
+    #: The record timestamps as ``timestamp[ms, tz=UTC]``.
+    timestamps: pa.Array
+    #: The record keys as a binary array, null where a record has no key.
+    keys: pa.Array
+    #: The record values as a binary array, null where a record has no value.
+    values: pa.Array
+    #: The values joined for the JSON reader, or None unless requested.
+    joined: JoinedValues | None
+    #: The offset to fetch next: one past the last offset of the last complete
+    #: batch (control batches included), and never below the fetch offset.
+    next_offset: int
+    #: Bytes at the start of the data that complete batches take up. Any rest
+    #: is a batch cut off by the fetch size limit, to be fetched again.
+    parsed_bytes: int
+    #: True when the data contains a message set of format v0 or v1 (magic 0 or
+    #: 1). The other fields then describe no records, and the caller parses
+    #: the data with aiokafka's ``MemoryRecords`` instead.
+    legacy_format: bool
+
+
 class Kernels(Protocol):
     """The hot loops of the data path; ``sabot.ext`` exports one implementation."""
 
@@ -59,3 +84,7 @@ class Kernels(Protocol):
     def record_columns(self, records: Sequence[Any],
                        join_values: bool = False) -> RecordColumns:
         """Return the values, keys, offsets and timestamps of ConsumerRecords."""
+
+    def parse_record_batches(self, data: bytes, fetch_offset: int, join_values: bool = False,
+                             check_crcs: bool = False) -> FetchedColumns:
+        """Parse the ``records`` field of one partition in a FetchResponse into columns."""

@@ -7,6 +7,8 @@ the compiled encoders call these twins for the Arrow types they do not read.
 
 from __future__ import annotations
 
+import gzip
+import struct
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -16,7 +18,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from sabot.ext._protocols import TIMESTAMP_TYPE, JoinedValues, RecordColumns
+from sabot.errors import ConfigError, CorruptRecordError, MissingExtraError
+from sabot.ext._protocols import TIMESTAMP_TYPE, FetchedColumns, JoinedValues, RecordColumns
 
 # Naive datetimes (Arrow timestamps without a time zone) are written as UTC
 # with a "Z" suffix, the same instant the msgpack encoder writes for them.
@@ -144,19 +147,289 @@ def record_columns(records: Sequence[Any], join_values: bool = False) -> RecordC
     offsets = np.fromiter((r.offset for r in records), dtype=np.int64, count=len(records))
     timestamps = pa.array(np.fromiter((r.timestamp for r in records), dtype=np.int64,
                                       count=len(records))).cast(TIMESTAMP_TYPE)
-    joined = None
-    if join_values:
-        present = [value for value in values if value]
-        for value in present:
-            if not isinstance(value, bytes):
-                raise TypeError(f"a record value must be bytes to be joined, "
-                                f"got {type(value).__name__}")
-        data = b"\n".join(present)
-        joined = JoinedValues(
-            data=data,
-            count=len(present),
-            empty_count=len(values) - len(present),
-            # Any newline beyond the separators is inside a value.
-            newline_in_values=data.count(b"\n") > max(len(present) - 1, 0),
-        )
+    joined = join_values_with_newlines(values) if join_values else None
     return RecordColumns(values, keys, offsets, timestamps, joined)
+
+
+def join_values_with_newlines(values: Sequence[bytes | None]) -> JoinedValues:
+    """Join the values that are neither None nor empty with ``b"\\n"``."""
+    present = [value for value in values if value]
+    for value in present:
+        if not isinstance(value, bytes):
+            raise TypeError(f"a record value must be bytes to be joined, "
+                            f"got {type(value).__name__}")
+    data = b"\n".join(present)
+    return JoinedValues(
+        data=data,
+        count=len(present),
+        empty_count=len(values) - len(present),
+        # Any newline beyond the separators is inside a value.
+        newline_in_values=data.count(b"\n") > max(len(present) - 1, 0),
+    )
+
+
+# -- Kafka record batches (message format v2, magic 2) ------------------------------------
+#
+# RecordBatch, as the Fetch API returns it in a partition's ``records`` field:
+#
+#   offset  size  field
+#        0     8  baseOffset            int64
+#        8     4  batchLength           int32, the bytes after this field
+#       12     4  partitionLeaderEpoch  int32
+#       16     1  magic                 int8 (0 and 1 are the legacy message sets,
+#                                       whose magic byte sits at the same place)
+#       17     4  crc                   uint32, CRC-32C of the bytes from attributes on
+#       21     2  attributes            int16: bits 0-2 compression (0 none, 1 gzip,
+#                                       2 snappy, 3 lz4, 4 zstd), bit 3 timestamp type
+#                                       (1 = LogAppendTime), bit 4 transactional,
+#                                       bit 5 control batch
+#       23     4  lastOffsetDelta       int32
+#       27     8  baseTimestamp         int64, ms
+#       35     8  maxTimestamp          int64, ms
+#       43     8  producerId            int64
+#       51     2  producerEpoch         int16
+#       53     4  baseSequence          int32
+#       57     4  records count         int32
+#       61     -  records, compressed as a whole when the batch is
+#
+# Record (varints are zigzag-encoded, as in protobuf's sint64):
+#
+#   length varint, attributes int8, timestampDelta varint, offsetDelta varint,
+#   keyLength varint (-1 = null), key, valueLength varint (-1 = null), value,
+#   header count varint, then per header: keyLength varint, key, valueLength
+#   varint (-1 = null), value.
+
+#: baseOffset and batchLength, the part of a batch that gives its size.
+LOG_OVERHEAD = 12
+#: The fixed part of a v2 batch, up to the first record.
+BATCH_HEADER_SIZE = 61
+#: The smallest record: seven one-byte fields (length, attributes, timestamp
+#: delta, offset delta, key length, value length, header count).
+MIN_RECORD_SIZE = 7
+INT32_MAX = 2**31 - 1
+
+COMPRESSION_MASK = 0x07
+LOG_APPEND_TIME_FLAG = 0x08
+CONTROL_FLAG = 0x20
+COMPRESSION_NAMES = {1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+
+#: The way past a malformed batch, at the end of every CorruptRecordError message.
+CORRUPT_WAY_OUT = ("the data in the broker is damaged: to go past it, commit an offset "
+                   "after this batch for the consumer group")
+
+_BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")
+
+
+def decompress_records(compression: int, data, base_offset: int) -> bytes:
+    """Decompress the records section of a batch with aiokafka's codec helpers."""
+    from aiokafka import codec
+
+    name = COMPRESSION_NAMES[compression]
+    if compression != 1 and not getattr(codec, f"has_{name}")():
+        raise MissingExtraError(
+            f"a fetched record batch is compressed with {name}, which aiokafka reads "
+            f"with the cramjam package; install it with: pip install cramjam")
+    try:
+        if compression == 1:
+            # gzip.decompress reads every gzip member, not only the first.
+            return gzip.decompress(data)
+        return getattr(codec, f"{name}_decode")(bytes(data))
+    except Exception as exc:  # noqa: BLE001 - zlib, gzip and cramjam raise their own types
+        raise CorruptRecordError(
+            f"record batch at offset {base_offset}: its {name}-compressed records cannot "
+            f"be decompressed ({exc}); {CORRUPT_WAY_OUT}") from exc
+
+
+def check_batch_crc(batch, stored: int, base_offset: int) -> None:
+    """Raise CorruptRecordError unless ``batch[21:]`` has the CRC-32C ``stored``."""
+    from aiokafka.record.util import calc_crc32c
+
+    computed = calc_crc32c(batch[21:])
+    if computed != stored:
+        raise CorruptRecordError(
+            f"record batch at offset {base_offset} has CRC-32C {computed:#010x} but "
+            f"stores {stored:#010x}; {CORRUPT_WAY_OUT}")
+
+
+def _wrap_int64(value: int) -> int:
+    # The compiled kernel adds offsets and timestamps in 64-bit arithmetic.
+    return (value + 2**63) % 2**64 - 2**63
+
+
+def _varint(buffer, position: int, end: int, base_offset: int) -> tuple[int, int]:
+    """Read a zigzag varint of at most 10 bytes; return it and the next position."""
+    raw = 0
+    shift = 0
+    while position < end:
+        byte = buffer[position]
+        position += 1
+        raw |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            raw &= 0xFFFFFFFFFFFFFFFF
+            return (raw >> 1) ^ -(raw & 1), position
+        shift += 7
+        if shift > 63:
+            break
+    raise CorruptRecordError(
+        f"record batch at offset {base_offset} has a malformed varint; {CORRUPT_WAY_OUT}")
+
+
+def _corrupt(base_offset: int, problem: str) -> CorruptRecordError:
+    return CorruptRecordError(f"record batch at offset {base_offset}: {problem}; "
+                              f"{CORRUPT_WAY_OUT}")
+
+
+def parse_record_batches(data, fetch_offset: int, join_values: bool = False,
+                         check_crcs: bool = False) -> FetchedColumns:
+    """Parse the ``records`` field of one partition in a FetchResponse into columns.
+
+    ``data`` is a sequence of v2 record batches. Control batches and records
+    below ``fetch_offset`` are left out; a batch cut off at the end of
+    ``data`` is left for the next fetch. With ``join_values``, the values
+    that are neither None nor empty are also joined with ``b"\\n"`` for the
+    JSON reader. With ``check_crcs``, each batch's CRC-32C is verified.
+
+    Raises CorruptRecordError for malformed batches, MissingExtraError for a
+    compression codec whose package is missing, and ConfigError when the
+    records exceed the 2 GiB that Arrow's int32 offsets address.
+    """
+    view = memoryview(data).cast("B")
+    size = len(view)
+    position = 0
+    next_offset = fetch_offset
+    total_section_bytes = 0
+    offsets: list[int] = []
+    timestamps: list[int] = []
+    keys: list[bytes | None] = []
+    values: list[bytes | None] = []
+
+    while size - position >= LOG_OVERHEAD:
+        base_offset, batch_length = struct.unpack_from(">qi", view, position)
+        if batch_length > size - position - LOG_OVERHEAD:
+            break  # cut off by the fetch size limit
+        if batch_length < 5:
+            raise _corrupt(base_offset, f"batch length {batch_length} leaves no magic byte")
+        magic = struct.unpack_from(">b", view, position + 16)[0]
+        if magic in (0, 1):
+            return _no_records(fetch_offset, join_values, legacy_format=True)
+        if magic != 2:
+            raise _corrupt(base_offset, f"invalid magic byte {magic}, expected 2")
+        if batch_length < BATCH_HEADER_SIZE - LOG_OVERHEAD:
+            raise _corrupt(base_offset, f"batch length {batch_length} is shorter than "
+                                        f"the v2 batch header")
+        end = position + LOG_OVERHEAD + batch_length
+        (_, _, _, _, crc, attributes, last_offset_delta, base_timestamp, max_timestamp,
+         _, _, _, count) = _BATCH_HEADER.unpack_from(view, position)
+        if check_crcs:
+            check_batch_crc(view[position:end], crc, base_offset)
+        batch_next_offset = _wrap_int64(base_offset + last_offset_delta + 1)
+
+        if not attributes & CONTROL_FLAG:
+            section = view[position + BATCH_HEADER_SIZE:end]
+            compression = attributes & COMPRESSION_MASK
+            if compression > 4:
+                raise _corrupt(base_offset, f"invalid compression codec {compression}")
+            if compression:
+                section = memoryview(decompress_records(compression, section, base_offset))
+            if count < 0 or count > len(section) // MIN_RECORD_SIZE:
+                raise _corrupt(base_offset, f"{count} records cannot fit in "
+                                            f"{len(section)} bytes")
+            total_section_bytes += len(section)
+            if total_section_bytes > INT32_MAX:
+                raise ConfigError(
+                    f"the records of one partition in a fetch response exceed 2 GiB "
+                    f"after decompression (at batch offset {base_offset}); lower the "
+                    f"max_partition_fetch_bytes setting")
+            log_append_time = bool(attributes & LOG_APPEND_TIME_FLAG)
+            _read_records(section, count, base_offset, base_timestamp, max_timestamp,
+                          log_append_time, fetch_offset, offsets, timestamps, keys, values)
+
+        next_offset = max(next_offset, batch_next_offset)
+        position = end
+
+    joined = join_values_with_newlines(values) if join_values else None
+    return FetchedColumns(
+        offsets=np.array(offsets, dtype=np.int64),
+        timestamps=pa.array(np.array(timestamps, dtype=np.int64)).cast(TIMESTAMP_TYPE),
+        keys=pa.array(keys, type=pa.binary()),
+        values=pa.array(values, type=pa.binary()),
+        joined=joined,
+        next_offset=next_offset,
+        parsed_bytes=position,
+        legacy_format=False,
+    )
+
+
+def _read_records(section, count, base_offset, base_timestamp, max_timestamp,
+                  log_append_time, fetch_offset, offsets, timestamps, keys, values) -> None:
+    position = 0
+    end = len(section)
+    for _ in range(count):
+        length, position = _varint(section, position, end, base_offset)
+        if length < MIN_RECORD_SIZE - 1 or length > end - position:
+            raise _corrupt(base_offset, f"record length {length} does not fit the batch")
+        record_end = position + length
+        position += 1  # attributes: no bits are defined for records
+        timestamp_delta, position = _varint(section, position, record_end, base_offset)
+        offset_delta, position = _varint(section, position, record_end, base_offset)
+
+        key_length, position = _varint(section, position, record_end, base_offset)
+        if key_length < -1 or key_length > record_end - position:
+            raise _corrupt(base_offset, f"key length {key_length} does not fit the record")
+        key = None
+        if key_length >= 0:
+            key = bytes(section[position:position + key_length])
+            position += key_length
+
+        value_length, position = _varint(section, position, record_end, base_offset)
+        if value_length < -1 or value_length > record_end - position:
+            raise _corrupt(base_offset, f"value length {value_length} does not fit the record")
+        value = None
+        if value_length >= 0:
+            value = bytes(section[position:position + value_length])
+            position += value_length
+
+        header_count, position = _varint(section, position, record_end, base_offset)
+        if header_count < 0:
+            raise _corrupt(base_offset, f"header count {header_count} is negative")
+        for _ in range(header_count):
+            header_key_length, position = _varint(section, position, record_end, base_offset)
+            if header_key_length < 0 or header_key_length > record_end - position:
+                raise _corrupt(base_offset, f"header key length {header_key_length} does "
+                                            f"not fit the record")
+            position += header_key_length
+            header_value_length, position = _varint(section, position, record_end,
+                                                    base_offset)
+            if header_value_length < -1 or header_value_length > record_end - position:
+                raise _corrupt(base_offset, f"header value length {header_value_length} "
+                                            f"does not fit the record")
+            position += max(header_value_length, 0)
+        if position != record_end:
+            raise _corrupt(base_offset, f"a record has {record_end - position} bytes "
+                                        f"after its last header")
+
+        offset = _wrap_int64(base_offset + offset_delta)
+        if offset < fetch_offset:
+            continue  # a batch that starts before the fetch offset
+        offsets.append(offset)
+        timestamps.append(max_timestamp if log_append_time
+                          else _wrap_int64(base_timestamp + timestamp_delta))
+        keys.append(key)
+        values.append(value)
+    if position != end:
+        raise _corrupt(base_offset, f"{end - position} bytes follow the last of "
+                                    f"{count} records")
+
+
+def _no_records(fetch_offset: int, join_values: bool, legacy_format: bool) -> FetchedColumns:
+    empty = pa.array([], type=pa.binary())
+    return FetchedColumns(
+        offsets=np.zeros(0, dtype=np.int64),
+        timestamps=pa.array([], type=TIMESTAMP_TYPE),
+        keys=empty,
+        values=empty,
+        joined=JoinedValues(b"", 0, 0, False) if join_values else None,
+        next_offset=fetch_offset,
+        parsed_bytes=0,
+        legacy_format=legacy_format,
+    )
