@@ -72,6 +72,62 @@ def run_worker(app_path: str, broker: str | None) -> int:
     return 0
 
 
+def _bootstrap(broker: str | None) -> str:
+    from sabot.kafka.urls import parse_broker_url, resolve_broker
+
+    return parse_broker_url(resolve_broker(broker))
+
+
+@main.command()
+@click.argument("topic")
+@click.option("--broker", metavar="URL", default=None,
+              help="Broker URL; default $SABOT_BROKER, else kafka://localhost:9092.")
+@click.option("--key-field", metavar="NAME", default=None,
+              help="Use this field of each JSON line as the message key.")
+@click.option("--partitions", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Partitions of the topic if it has to be created.")
+def send(topic: str, broker: str | None, key_field: str | None, partitions: int) -> None:
+    """Send each line of standard input to TOPIC as one message."""
+    import asyncio
+
+    from sabot.kafka.console import send_lines
+
+    try:
+        sent = asyncio.run(send_lines(_bootstrap(broker), topic, sys.stdin.buffer,
+                                      key_field, partitions))
+    except SabotError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"sent {sent} messages to {topic}", err=True)
+
+
+@main.command()
+@click.argument("topic")
+@click.option("--broker", metavar="URL", default=None,
+              help="Broker URL; default $SABOT_BROKER, else kafka://localhost:9092.")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None,
+              help="Stop after this many messages.")
+@click.option("--idle-timeout", type=float, default=None, metavar="SECONDS",
+              help="Stop after this many seconds without a message.")
+@click.option("--new-only", is_flag=True,
+              help="Print only messages that arrive from now on.")
+def tail(topic: str, broker: str | None, count: int | None, idle_timeout: float | None,
+         new_only: bool) -> None:
+    """Print TOPIC's messages as: partition, offset, key, value (tab-separated)."""
+    import asyncio
+
+    from sabot.kafka.console import tail_topic
+
+    try:
+        asyncio.run(tail_topic(_bootstrap(broker), topic, from_beginning=not new_only,
+                               count=count, idle_timeout=idle_timeout))
+    except KeyboardInterrupt:
+        pass
+    except SabotError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=9092, show_default=True,
               help="TCP port on 127.0.0.1; 0 picks a free one.")

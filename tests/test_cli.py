@@ -100,3 +100,40 @@ def test_broker_command_starts_and_stops(tmp_path):
         process.stderr.close()
     assert process.returncode == 0
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.broker
+def test_send_then_tail(broker, topic, tmp_path):
+    lines = '{"id": "a", "amount": 70}\n\n{"id": "b", "amount": 10}\n{"id": "a", "amount": 3}\n'
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SABOT_BROKER=f"kafka://{broker}")
+    sent = subprocess.run([sys.executable, "-m", "sabot", "send", topic, "--key-field", "id",
+                           "--partitions", "2"],
+                          input=lines, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert f"sent 3 messages to {topic}" in sent.stderr
+
+    tailed = subprocess.run([sys.executable, "-m", "sabot", "tail", topic, "--count", "3",
+                             "--idle-timeout", "10"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert tailed.returncode == 0, tailed.stderr
+    rows = [line.split("\t") for line in tailed.stdout.splitlines()]
+    assert len(rows) == 3
+    assert sorted((key, value) for _, _, key, value in rows) == [
+        ("a", '{"id": "a", "amount": 3}'),
+        ("a", '{"id": "a", "amount": 70}'),
+        ("b", '{"id": "b", "amount": 10}'),
+    ]
+    # Messages with one key share a partition, in the order they were sent.
+    a_rows = [row for row in rows if row[2] == "a"]
+    assert a_rows[0][0] == a_rows[1][0]
+    assert int(a_rows[0][1]) < int(a_rows[1][1])
+
+
+def test_send_rejects_line_without_key_field(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SABOT_BROKER="kafka://127.0.0.1:1")
+    result = subprocess.run([sys.executable, "-m", "sabot", "send", "t", "--key-field", "id"],
+                            input="not json\n", cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "line 1 is not valid JSON" in result.stderr

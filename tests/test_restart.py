@@ -73,9 +73,13 @@ def start_worker(app_dir: Path, broker: str, env: dict[str, str]) -> subprocess.
         cwd=app_dir, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-async def wait_committed(broker, group, topic, predicate, timeout=60.0):
+async def wait_committed(broker, group, topic, predicate, timeout=60.0, worker=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if worker is not None and worker.poll() is not None:
+            output = worker.stdout.read().decode(errors="replace")
+            raise AssertionError(f"the worker exited with status {worker.returncode}:\n"
+                                 f"{output[-3000:]}")
         offsets = await committed_offsets(broker, group, topic, PARTITIONS)
         if predicate(offsets):
             return offsets
@@ -108,7 +112,7 @@ async def test_sigterm_restart_neither_loses_nor_repeats(broker, app_dir, topic,
     first = start_worker(app_dir, broker, env)
     try:
         partial = await wait_committed(broker, unique_name, topic,
-                                       lambda o: sum(o.values()) > 0)
+                                       lambda o: sum(o.values()) > 0, worker=first)
     finally:
         status, output = stop(first)
     assert status == 0, output
@@ -118,7 +122,8 @@ async def test_sigterm_restart_neither_loses_nor_repeats(broker, app_dir, topic,
     second = start_worker(app_dir, broker, {**env, "TEST_PAUSE": "0"})
     try:
         await wait_committed(broker, unique_name, topic,
-                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)))
+                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)),
+                             worker=second)
     finally:
         status, output = stop(second)
     assert status == 0, output
@@ -137,7 +142,8 @@ async def test_sigkill_restart_loses_nothing(broker, app_dir, topic, unique_name
 
     first = start_worker(app_dir, broker, env)
     try:
-        await wait_committed(broker, unique_name, topic, lambda o: sum(o.values()) > 2000)
+        await wait_committed(broker, unique_name, topic, lambda o: sum(o.values()) > 2000,
+                             worker=first)
     finally:
         first.kill()
         first.communicate(timeout=30)
@@ -147,7 +153,8 @@ async def test_sigkill_restart_loses_nothing(broker, app_dir, topic, unique_name
     second = start_worker(app_dir, broker, {**env, "TEST_PAUSE": "0"})
     try:
         await wait_committed(broker, unique_name, topic,
-                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)))
+                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)),
+                             worker=second)
     finally:
         status, output = stop(second)
     assert status == 0, output

@@ -27,12 +27,22 @@ async def run_until(app: Sabot, condition, timeout: float = 60.0):
     """Run ``app`` until ``await condition()`` returns a true value; return it."""
     stop = asyncio.Event()
     task = asyncio.create_task(app.run(stop))
+    waiter = asyncio.create_task(condition())
     try:
-        result = await asyncio.wait_for(condition(), timeout)
+        # If the app fails first, its error is raised here at once instead of
+        # the condition timing out.
+        done, _ = await asyncio.wait({task, waiter}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            raise AssertionError("the app stopped before the condition was met")
+        if waiter not in done:
+            raise AssertionError(f"condition not met within {timeout} s")
+        return waiter.result()
     finally:
+        waiter.cancel()
         stop.set()
         await task
-    return result
 
 
 async def test_dataflow_output_equals_expected(broker, broker_url, topic, unique_name):

@@ -270,6 +270,8 @@ class AgentPool:
 
     @property
     def pids(self) -> list[int]:
+        if self._stopping:
+            return []
         return [slot.pid for slot in self.slots if slot is not None and slot.state != DEAD]
 
     def submit(self, task: Task) -> None:
