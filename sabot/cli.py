@@ -150,12 +150,13 @@ def broker(port: int, loglevel: str) -> None:
     click.echo(f"broker listening on {instance.url} (data is kept in memory); "
                f"Ctrl-C stops it", err=False)
     stop = threading.Event()
+    # Explicit handlers, because a shell starts a background job with
+    # SIGINT ignored, and Python's KeyboardInterrupt would then never come.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         while not stop.is_set() and instance.process and instance.process.poll() is None:
             stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         exited = instance.process is not None and instance.process.poll() is not None
         instance.stop()

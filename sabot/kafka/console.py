@@ -12,10 +12,13 @@ from typing import TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sabot.errors import CodecError
+from sabot.errors import CodecError, ConfigError
 from sabot.kafka.admin import ensure_topics
 
 logger = logging.getLogger(__name__)
+
+#: Seconds ``tail_topic`` waits for a missing topic to be created.
+TOPIC_WAIT = 10.0
 
 
 def _key_of(line: bytes, key_field: str | None, number: int) -> bytes | None:
@@ -72,12 +75,16 @@ async def tail_topic(bootstrap: str, topic: str, out: TextIO = sys.stdout,
     await consumer.start()
     printed = 0
     try:
+        # A topic that a worker is about to create may appear a moment later.
+        deadline = time.monotonic() + TOPIC_WAIT
         partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
+        while not partitions and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
             await consumer._client.force_metadata_update()  # noqa: SLF001
             partitions = consumer.partitions_for_topic(topic)
         if not partitions:
-            raise CodecError(f"topic {topic!r} not found on {bootstrap}")
+            raise ConfigError(f"topic {topic!r} not found on {bootstrap} after waiting "
+                             f"{TOPIC_WAIT:.0f} s; check the name or start the app first")
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         if from_beginning:
