@@ -71,7 +71,7 @@ class StateContext:
     def where(self) -> str:
         """Name the pipeline for log lines and errors: dataflow and partition."""
         if self.tp is None:
-            return f"{self.dataflow!r} (local)"
+            return "local mode" if self.dataflow == "local" else f"{self.dataflow!r} (local)"
         return f"{self.dataflow!r} on {self.tp.topic}[{self.tp.partition}]"
 
     # -- stores --------------------------------------------------------------------------
@@ -155,6 +155,15 @@ class StateContext:
             return
         self._verified_keys = unique if self._verified_keys is None else \
             pa.concat_arrays([self._verified_keys, unique.cast(self._verified_keys.type)])
+
+    def log_totals(self) -> None:
+        """Log how many records were late or dead letters in all; called at end of input."""
+        if self.late_count or self.dead_letter_count:
+            logger.warning("%s: %d late records in all (%d dropped), %d dead letters",
+                           self.where, self.late_count,
+                           self.late_count if not self.keep_side_outputs
+                           else self.dropped_late_count,
+                           self.dead_letter_count)
 
     def _warn_once(self, topic: str, message: str, *args) -> None:
         if topic in self._warned:

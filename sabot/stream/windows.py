@@ -568,6 +568,7 @@ class WindowAggregate(_WindowOperator):
     def flush(self) -> list[pa.RecordBatch]:
         if self.store is None:
             return []
+        self._context().log_totals()
         return self._emit(sorted(self.store.windows), [])
 
 
@@ -690,6 +691,7 @@ class SessionAggregate(_WindowOperator):
         store = self.store
         if store is None or store.rows is None:
             return []
+        self._context().log_totals()
         closed = store.rows
         store.replace(removed=closed, kept=None, added=None)
         return self._emit(closed, [])
