@@ -128,7 +128,7 @@ class JsonCodec(Codec):
             logger.warning("JSON rows have types that cannot be merged: %s", exc)
             first_schema = tables[0].schema
             merged, kept2 = [], []
-            for index, table in zip(kept, tables):
+            for index, table in zip(kept, tables, strict=True):
                 if table.schema.equals(first_schema):
                     merged.append(table)
                     kept2.append(index)

@@ -50,7 +50,7 @@ class MsgpackCodec(Codec):
 def _decode_row_by_row(values, rows, bad, exc, schema) -> Decoded:
     good_indices = without_rows(len(values), bad)
     kept_rows, first = [], None
-    for index, row in zip(good_indices, rows):
+    for index, row in zip(good_indices, rows, strict=True):
         try:
             one = pa.RecordBatch.from_pylist([row], schema=schema or first)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as row_exc:

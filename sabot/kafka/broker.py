@@ -8,7 +8,6 @@ producers or CreatePartitions.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -156,33 +155,3 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
             raise ConnectionError("the broker closed the connection")
         data += chunk
     return data
-
-
-async def wait_for_broker(bootstrap: str, timeout: float = 20.0,
-                          process: subprocess.Popen | None = None) -> None:
-    """Wait until a broker at ``bootstrap`` answers a Kafka metadata request."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.errors import KafkaError
-
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise BrokerStartError(
-                f"the broker process exited with status {process.returncode} before "
-                f"answering on {bootstrap}; is the port already in use?"
-            )
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-        try:
-            await admin.start()
-            await admin.list_topics()
-            return
-        except (KafkaError, OSError) as exc:
-            last_error = exc
-            await asyncio.sleep(0.05)
-        finally:
-            await admin.close()
-    raise BrokerStartError(
-        f"no Kafka broker answered on {bootstrap} within {timeout:.0f} s "
-        f"(last error: {last_error})"
-    )

@@ -186,7 +186,8 @@ class WithColumns(Operator):
             except KeyError as exc:
                 raise SchemaError(
                     f"with_columns({name}={describe_function(fn)}): column "
-                    f"{missing_column_name(exc)!r} not found; the batch has columns {batch.schema.names}"
+                    f"{missing_column_name(exc)!r} not found; the batch has columns "
+                    f"{batch.schema.names}"
                 ) from exc
             value = _to_column(value, batch.num_rows, name, fn)
             index = batch.schema.get_field_index(name)
