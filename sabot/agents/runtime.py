@@ -102,6 +102,12 @@ class _RebalanceListener(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked):
         # Wait for the fetch in flight to be sent and committed.
         async with self.worker.lock:
+            try:
+                await self.worker._drain()
+            except Exception as exc:
+                self.worker.failure = self.worker.failure or exc
+                self.worker._stopping = True
+                logger.exception("sends or commit before the rebalance failed; stopping")
             for agent in self.worker.agents:
                 for tp in revoked:
                     agent.pipelines.pop(tp, None)
@@ -144,6 +150,8 @@ class Worker:
         self._task: asyncio.Task | None = None
         self._progress_task: asyncio.Task | None = None
         self._dead_letters_logged = 0
+        #: The previous fetch's acknowledgement-and-commit task (stateless apps).
+        self._pending: asyncio.Task | None = None
         self.positions: dict[TopicPartition, int] = {}
         self.state = StateManager(self)
 
@@ -297,6 +305,17 @@ class Worker:
         return await self.fetcher.fetch(0.2, self.settings.max_records)
 
     async def _consume_loop(self) -> None:
+        try:
+            await self._consume()
+        finally:
+            async with self.lock:
+                try:
+                    await self._drain()
+                except Exception as exc:
+                    self.failure = self.failure or exc
+                    logger.exception("the last fetch's sends or commit failed")
+
+    async def _consume(self) -> None:
         while not self._stopping:
             try:
                 fetched = await self._fetch()
@@ -365,6 +384,26 @@ class Worker:
             consumed += len(records)
             commits[tp] = records[-1].offset + 1
 
+        finish = self._finish(futures, commits, consumed, dead)
+        if self.state.stores:
+            # Stateful dataflows write their markers per fetch, so each fetch
+            # is acknowledged and committed before the next one is processed.
+            await finish
+            return
+        # Stateless: this fetch was processed while the previous one's sends
+        # were in flight. Commit the previous one before handing this one on,
+        # so commits stay in order and at most one fetch is unacknowledged.
+        await self._drain()
+        self._pending = asyncio.create_task(finish)
+
+    async def _drain(self) -> None:
+        """Wait until the fetch whose sends are in flight is acknowledged and committed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def _finish(self, futures, commits, consumed: int, dead: int) -> None:
+        """Await a fetch's sends, then write state markers and commit its offsets."""
         if futures:
             await asyncio.gather(*futures)
         # State markers go out only after every send above was acknowledged.
