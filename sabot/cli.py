@@ -63,10 +63,7 @@ def run_worker(app_path: str, broker: str | None) -> int:
         return 2
     try:
         app.main()
-    except SabotError as exc:
-        logger.error("worker for app %s stopped: %s", app.id, exc)
-        return 1
-    except OSError as exc:
+    except (SabotError, OSError) as exc:
         logger.error("worker for app %s stopped: %s", app.id, exc)
         return 1
     return 0

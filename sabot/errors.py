@@ -52,7 +52,7 @@ class BrokerError(SabotError):
 
 
 class BrokerStartError(BrokerError):
-    """The embedded broker process did not start or did not answer."""
+    """The embedded broker process did not start or did not respond."""
 
     retriable = False
 

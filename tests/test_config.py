@@ -95,3 +95,15 @@ def test_dataflow_must_return_stream():
 
     with pytest.raises(ConfigError, match="forget 'return'"):
         app.dataflows["broken"].build()
+
+
+def test_dataflows_share_decoder_per_codec():
+    # One decoder instance per (codec, schema) lets the worker decode each
+    # fetch of a topic once for every dataflow that reads it.
+    app = Sabot("x", broker="kafka://127.0.0.1:1")
+    app.dataflow("a", name="one")(lambda s: s)
+    app.dataflow("a", name="two", sink_codec="msgpack")(lambda s: s)
+    app.dataflow("a", name="three", codec="msgpack")(lambda s: s)
+    assert app.dataflows["one"].codec is app.dataflows["two"].codec
+    assert app.dataflows["one"].codec is not app.dataflows["three"].codec
+    assert app.dataflows["two"].sink_codec.name == "msgpack"

@@ -103,6 +103,22 @@ async def prepare(broker, topic):
 EXPECTED = sorted(i for i in range(TOTAL) if i % 100 > 50)
 
 
+async def finish_with_second_worker(app_dir, broker, env, group, topic, ends) -> list[int]:
+    """Run a second worker until every record is committed, stop it with SIGTERM,
+    check it exited 0, and return the order ids in the sink topic."""
+    second = start_worker(app_dir, broker, {**env, "TEST_PAUSE": "0"})
+    try:
+        await wait_committed(broker, group, topic,
+                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)),
+                             worker=second)
+    finally:
+        status, output = stop(second)
+    assert status == 0, output
+
+    records = await read_topic(broker, env["TEST_SINK"], len(EXPECTED))
+    return [orjson.loads(r.value)["id"] for r in records]
+
+
 async def test_sigterm_restart_neither_loses_nor_repeats(broker, app_dir, topic, unique_name):
     ends = await prepare(broker, topic)
     sink = f"{topic}-out"
@@ -119,17 +135,7 @@ async def test_sigterm_restart_neither_loses_nor_repeats(broker, app_dir, topic,
     assert "worker stopped" in output
     assert sum(partial.values()) < TOTAL, "the first worker finished before SIGTERM"
 
-    second = start_worker(app_dir, broker, {**env, "TEST_PAUSE": "0"})
-    try:
-        await wait_committed(broker, unique_name, topic,
-                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)),
-                             worker=second)
-    finally:
-        status, output = stop(second)
-    assert status == 0, output
-
-    records = await read_topic(broker, sink, len(EXPECTED))
-    ids = [orjson.loads(r.value)["id"] for r in records]
+    ids = await finish_with_second_worker(app_dir, broker, env, unique_name, topic, ends)
     assert len(ids) == len(set(ids)), "some orders were sent twice"
     assert sorted(ids) == EXPECTED
 
@@ -150,17 +156,7 @@ async def test_sigkill_restart_loses_nothing(broker, app_dir, topic, unique_name
     at_kill = await committed_offsets(broker, unique_name, topic, PARTITIONS)
     assert sum(at_kill.values()) < TOTAL, "the first worker finished before SIGKILL"
 
-    second = start_worker(app_dir, broker, {**env, "TEST_PAUSE": "0"})
-    try:
-        await wait_committed(broker, unique_name, topic,
-                             lambda o: all(o[p] >= ends.get(p, 0) for p in range(PARTITIONS)),
-                             worker=second)
-    finally:
-        status, output = stop(second)
-    assert status == 0, output
-
-    records = await read_topic(broker, sink, len(EXPECTED))
-    ids = [orjson.loads(r.value)["id"] for r in records]
+    ids = await finish_with_second_worker(app_dir, broker, env, unique_name, topic, ends)
     assert sorted(set(ids)) == EXPECTED
     # Only the uncommitted tail at the time of the kill may be delivered twice.
     tail = TOTAL - sum(at_kill.values())

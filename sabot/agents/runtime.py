@@ -8,9 +8,10 @@ Each fetch is processed under a lock:
                                  └──> dead-letter topic (bad values)
           ──> await every send's acknowledgement ──> commit offsets
 
-Without stateful dataflows the last step of fetch N runs as a task while
-fetch N+1 is processed; fetch N+1 waits for it before starting its own, so
-commits stay in order and at most one fetch is unacknowledged.
+Without stateful dataflows, the last step of fetch N runs as a task while
+fetch N+1 is processed. Fetch N+1 waits for that task before starting its
+own last step, so commits stay in order and at most one fetch is
+unacknowledged.
 
 The fetch is the consumer's ``getmany`` (``fetcher="aiokafka"``) or the
 :class:`~sabot.kafka.fetch.ArrowFetcher` (``fetcher="arrow"``), which reads

@@ -43,7 +43,7 @@ class Sabot:
         self.dataflows: dict[str, Dataflow] = {}
         self.tables: dict[str, Any] = {}
         self.worker = None
-        self._stopping: asyncio.Event | None = None
+        self._decoders: dict = {}
 
     # -- registry ---------------------------------------------------------------------
 
@@ -67,7 +67,8 @@ class Sabot:
         decoded columns' types instead of inferring them per batch.
         """
         def register(fn: Callable) -> Callable:
-            flow = make_dataflow(fn, topics, sink, codec, name, schema, sink_codec)
+            flow = make_dataflow(fn, topics, sink, codec, name, schema, sink_codec,
+                                 self._decoders)
             if flow.name in self.dataflows:
                 raise ConfigError(f"a dataflow named {flow.name!r} is already registered "
                                   f"on app {self.id!r}; pass name= to tell them apart")

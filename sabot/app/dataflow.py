@@ -47,7 +47,13 @@ class Dataflow:
 
 def make_dataflow(fn: Callable, topics: str | list[str], sink: SinkTarget, codec: Any,
                   name: str | None, schema: pa.Schema | None,
-                  sink_codec: Any) -> Dataflow:
+                  sink_codec: Any, codecs: dict | None = None) -> Dataflow:
+    """Validate a registration and build its Dataflow.
+
+    ``codecs`` caches decoders by (name, schema), so dataflows that read one
+    topic with the same codec share its instance and the worker decodes each
+    fetch of that topic once for all of them.
+    """
     if isinstance(topics, str):
         topics = [topics]
     topics = list(topics)
@@ -60,6 +66,11 @@ def make_dataflow(fn: Callable, topics: str | list[str], sink: SinkTarget, codec
     if isinstance(sink, str) and sink in topics:
         raise ConfigError(f"dataflow sink {sink!r} is also one of its source topics; "
                           f"that would feed its own output back forever")
-    decoder = get_codec(codec, schema)
+    if isinstance(codec, str) and codecs is not None:
+        decoder = codecs.get((codec, schema))
+        if decoder is None:
+            decoder = codecs[(codec, schema)] = get_codec(codec, schema)
+    else:
+        decoder = get_codec(codec, schema)
     encoder = get_codec(sink_codec if sink_codec is not None else codec)
     return Dataflow(name or fn.__name__, fn, topics, sink, decoder, encoder)

@@ -12,7 +12,7 @@ import pyarrow as pa
 class Decoded:
     """The result of decoding the values of one partition's fetch.
 
-    ``batch`` holds the value columns of every row decoded. ``rows_from[j]``
+    ``batch`` contains the value columns of every row decoded. ``rows_from[j]``
     is the index, in the input list, of the message that row ``j`` came
     from; most codecs give one row per message, the Arrow codec may give
     several. ``errors`` lists ``(index, reason)`` for every message that could

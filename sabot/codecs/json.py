@@ -66,8 +66,8 @@ class JsonCodec(Codec):
     def _read(self, data: bytes, count: int,
               newlines_in_values: bool) -> pa.RecordBatch | None:
         """Parse ``count`` JSON objects separated by newlines; None if that fails."""
-        # Pretty-printed values contain newlines between tokens; the reader
-        # then needs to be told that a newline does not end a record.
+        # Pretty-printed values contain newlines between tokens, so the reader
+        # must not treat a newline as the end of a record.
         parse_options = pajson.ParseOptions(
             explicit_schema=self.schema,
             newlines_in_values=newlines_in_values,
@@ -152,9 +152,8 @@ def _empty_rows(values: list[bytes | None] | pa.Array) -> list[int]:
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    table = table.combine_chunks()
-    batches = table.to_batches()
-    if len(batches) == 1:
+    # After combine_chunks a table has one batch, or none when it is empty.
+    batches = table.combine_chunks().to_batches()
+    if batches:
         return batches[0]
-    return pa.RecordBatch.from_pylist([], schema=table.schema) if not batches \
-        else table.to_batches(max_chunksize=table.num_rows)[0]
+    return pa.RecordBatch.from_pylist([], schema=table.schema)

@@ -38,7 +38,7 @@ class EmbeddedBroker:
     """A Tansu broker process on a loopback port.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
-    :meth:`start` returns once the broker answers a Kafka metadata request.
+    :meth:`start` returns once the broker responds to a Kafka ApiVersions request.
     """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
@@ -119,7 +119,7 @@ def _api_versions_request(correlation_id: int) -> bytes:
 
 def wait_for_broker_sync(host: str, port: int, timeout: float = 20.0,
                          process: subprocess.Popen | None = None) -> None:
-    """Block until the broker answers a Kafka ApiVersions request with no error."""
+    """Block until the broker responds to a Kafka ApiVersions request with no error."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -142,7 +142,7 @@ def wait_for_broker_sync(host: str, port: int, timeout: float = 20.0,
             last_error = exc
         time.sleep(0.05)
     raise BrokerStartError(
-        f"no Kafka broker answered on {host}:{port} within {timeout:.0f} s "
+        f"no Kafka broker responded on {host}:{port} within {timeout:.0f} s "
         f"(last error: {last_error})"
     )
 

@@ -174,10 +174,10 @@ class Stream:
                     first_input = batch
                 outputs.extend(pipeline.process(batch))
         outputs.extend(pipeline.flush())
-        if outputs:
-            return pa.Table.from_batches(outputs).combine_chunks() if len(outputs) > 1 \
-                else pa.Table.from_batches(outputs)
-        return _empty_result(self, source, first_input)
+        if not outputs:
+            return _empty_result(self, source, first_input)
+        table = pa.Table.from_batches(outputs)
+        return table.combine_chunks() if len(outputs) > 1 else table
 
     def _local_source(self) -> Iterable[pa.RecordBatch]:
         from sabot.stream.kafka import KafkaSource
