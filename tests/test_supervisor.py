@@ -25,12 +25,15 @@ import pyarrow as pa
 
 from sabot import Sabot
 
-# Crash at import (exit status 3) until the counter file contains CRASHES bytes.
+# Crash at import (exit status 3) for the first CRASHES starts. Each start
+# appends one byte; with O_APPEND the write and the offset after it are one
+# atomic step, so two workers starting together never take the same slot.
 counter = os.environ.get("SUP_CRASH_COUNTER")
 if counter:
-    with open(counter, "ab") as file:
+    with open(counter, "ab", buffering=0) as file:
         file.write(b"x")
-    if os.path.getsize(counter) <= int(os.environ["SUP_CRASHES"]):
+        slot = file.tell()
+    if slot <= int(os.environ["SUP_CRASHES"]):
         os._exit(3)
 
 app = Sabot(os.environ["SUP_GROUP"], session_timeout_ms=6000, progress_interval=0,
