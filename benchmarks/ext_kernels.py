@@ -4,7 +4,8 @@
 
 The inputs are shaped like the stateless path's: orders with an int64 id,
 a float64 amount, a string customer and a timestamp; ConsumerRecords with
-JSON values and string keys. Each figure is the best of ``--repeat`` runs.
+JSON values and string keys; the orders' JSON rows joined with newlines.
+Each figure is the best of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def main() -> None:
     records = consumer_records(args.rows)
     keys = batch.column("customer").cast(pa.binary())
     key_list = keys.to_pylist()
+    values = _compiled.encode_json_rows(selected)
+    rows = np.arange(args.rows, dtype=np.int64)
+    # One batch for all rows: the limit is far above their size.
+    batch_args = (values, rows, 1_700_000_000_000, 1 << 30)
+    # A fetch's values as the JSON codec receives them: joined with newlines.
+    joined = b"\n".join(_compiled.encode_json_rows(batch))
     cases = [
         ("encode_json_rows (id, amount)", "encode_json_rows", (selected,)),
         ("encode_json_rows (4 columns)", "encode_json_rows", (batch,)),
@@ -70,6 +77,9 @@ def main() -> None:
         ("record_columns (join values)", "record_columns", (records, True)),
         ("partitions_for_keys (list)", "partitions_for_keys", (key_list, 8)),
         ("partitions_for_keys (Arrow array)", "partitions_for_keys", (keys, 8)),
+        ("decode_json_objects (4 columns)", "decode_json_objects", (joined, args.rows)),
+        ("encode_record_batch (keys)", "encode_record_batch", (key_list, *batch_args)),
+        ("encode_record_batch (no keys)", "encode_record_batch", (None, *batch_args)),
     ]
     print(f"{args.rows:,} rows, best of {args.repeat}")
     print(f"{'kernel':<36} {'twin ms':>9} {'compiled ms':>12} {'speed-up':>9}")

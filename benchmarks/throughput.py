@@ -14,7 +14,7 @@ every contender reads the whole topic with its own consumer group:
                         batches into Arrow columns, "aiokafka" uses getmany)
   faust, quix           the stateless pipeline in Faust and in Quix Streams
                         (the ``bench`` extra), each in its own process over
-                        the first --peer-messages messages of the same topic
+                        the same topic (Faust over its first 200,000 messages)
 
 Rates are messages consumed per second, from the first non-empty fetch to
 the last commit (or the last message, for the raw consume). Ratios compare
@@ -214,6 +214,9 @@ async def run_sabot(bootstrap: str, topic: str, count: int, flow, name: str,
 
 
 PEERS = {"faust": ("faust", "faust_orders.py"), "quix": ("quixstreams", "quix_orders.py")}
+# Faust handles about 5,000 messages a second here, so by default it reads
+# only the start of the topic; the other peers read all of it.
+PEER_MESSAGES = {"faust": 200_000}
 
 
 def run_peer(name: str, bootstrap: str, topic: str, count: int) -> float | None:
@@ -249,6 +252,18 @@ def describe_rss(samples) -> str:
             f"{(peak - at_half) / 2**20:+.0f} MiB)")
 
 
+def rss_by_tenth(samples) -> str:
+    """List the peak RSS up to each tenth of the messages, to show whether it levels off."""
+    total = samples[-1][0] if samples else 0
+    if not total:
+        return "no samples"
+    peaks = []
+    for tenth in range(1, 11):
+        seen = [r for c, r in samples if c <= total * tenth / 10]
+        peaks.append(max(seen) if seen else 0)
+    return ", ".join(f"{peak / 2**20:.0f}" for peak in peaks) + " MiB"
+
+
 async def main(args) -> None:
     broker = EmbeddedBroker().start()
     bootstrap = broker.bootstrap
@@ -279,8 +294,11 @@ async def main(args) -> None:
                 results[label] = rate
                 rss[label] = describe_rss(samples)
                 print(f"{label:<21}{rate:>12,.0f} msgs/s   ({rss[label]})", flush=True)
-        peer_count = min(args.peer_messages, args.messages)
+                print(f"{'':<21}peak RSS up to each tenth of the messages: "
+                      f"{rss_by_tenth(samples)}", flush=True)
         for name in args.peers:
+            peer_count = min(args.peer_messages or PEER_MESSAGES.get(name, args.messages),
+                             args.messages)
             rate = run_peer(name, bootstrap, topic, peer_count)
             if rate is not None:
                 results[name] = rate
@@ -324,8 +342,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--peer-messages", type=int, default=200_000,
-                        help="messages each peer framework processes (default 200,000)")
+    parser.add_argument("--peer-messages", type=int, default=None,
+                        help="messages each peer framework processes (default: Faust "
+                             "the first 200,000, Quix Streams all of them)")
     parser.add_argument("--peers", nargs="*", default=["faust", "quix"],
                         choices=sorted(PEERS), help="peer frameworks to run (default both)")
     parser.add_argument("--fetchers", nargs="+", default=["arrow", "aiokafka"],

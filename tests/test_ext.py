@@ -211,7 +211,9 @@ def test_setup_py_builds_importable_kernels(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not compile" not in result.stderr, result.stderr
     built = sorted(p.name.split(".")[0] for p in (build_lib / "sabot" / "ext").glob("*.so"))
-    assert built == ["_batches", "_encode", "_partition", "_records"]
+    sources = sorted(p.stem for p in (ROOT / "sabot" / "ext").glob("_*.pyx"))
+    assert "_partition" in sources
+    assert built == sources
 
     spec = importlib.util.spec_from_file_location(
         "sabot.ext._partition", next((build_lib / "sabot" / "ext").glob("_partition.*.so")))

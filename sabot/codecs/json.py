@@ -1,15 +1,13 @@
-"""JSON values, decoded in bulk by Arrow's C++ JSON reader."""
+"""JSON values, decoded in bulk into Arrow columns."""
 
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 
 from sabot import ext
 from sabot.codecs.base import Codec, Decoded, empty_batch, without_rows
@@ -22,8 +20,10 @@ class JsonCodec(Codec):
     """One JSON object per message.
 
     The values of a fetch are joined with newlines and parsed in one call
-    to ``pyarrow.json.read_json``. Only when that fails are the values
-    checked one by one, to find the malformed ones and parse the rest.
+    to ``sabot.ext.decode_json_objects``: the compiled kernel reads flat
+    objects, and Arrow's ``pyarrow.json.read_json`` reads the rest with the
+    same result. Only when that fails are the values checked one by one,
+    to find the malformed ones and parse the rest.
     """
 
     name = "json"
@@ -67,23 +67,9 @@ class JsonCodec(Codec):
               newlines_in_values: bool) -> pa.RecordBatch | None:
         """Parse ``count`` JSON objects separated by newlines; None if that fails."""
         # Pretty-printed values contain newlines between tokens, so the reader
-        # must not treat a newline as the end of a record.
-        parse_options = pajson.ParseOptions(
-            explicit_schema=self.schema,
-            newlines_in_values=newlines_in_values,
-            unexpected_field_behavior="infer",
-        )
-        # One block for the whole fetch: types are inferred from all rows at
-        # once, so a column is never int in one block and double in the next.
-        read_options = pajson.ReadOptions(use_threads=False, block_size=len(data) + 1024)
-        try:
-            table = pajson.read_json(io.BytesIO(data), read_options=read_options,
-                                     parse_options=parse_options)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return None
-        if table.num_rows != count:
-            return None
-        return _one_batch(table)
+        # must not treat a newline as the end of a record. The compiled kernel
+        # reads flat objects itself and gives the rest to Arrow's reader.
+        return ext.decode_json_objects(data, count, newlines_in_values, self.schema)
 
     def _decode_slowly(self, values: list[bytes | None],
                        bad: list[tuple[int, str]]) -> Decoded:

@@ -33,9 +33,11 @@ kernels, USING_EXTENSIONS = _select()
 murmur2 = kernels.murmur2
 partitions_for_keys = kernels.partitions_for_keys
 encode_json_rows = kernels.encode_json_rows
+decode_json_objects = kernels.decode_json_objects
 encode_msgpack_rows = kernels.encode_msgpack_rows
 record_columns = kernels.record_columns
 parse_record_batches = kernels.parse_record_batches
+encode_record_batch = kernels.encode_record_batch
 
 __all__ = [
     "USING_EXTENSIONS",
@@ -43,8 +45,10 @@ __all__ = [
     "JoinedValues",
     "Kernels",
     "RecordColumns",
+    "decode_json_objects",
     "encode_json_rows",
     "encode_msgpack_rows",
+    "encode_record_batch",
     "kernels",
     "murmur2",
     "parse_record_batches",

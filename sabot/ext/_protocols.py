@@ -81,6 +81,10 @@ class Kernels(Protocol):
     def encode_msgpack_rows(self, batch: Any) -> list[bytes]:
         """Encode each row of ``batch`` as one msgpack map."""
 
+    def decode_json_objects(self, data: bytes, count: int, newline_in_values: bool = False,
+                            schema: Any = None) -> Any:
+        """Parse ``count`` JSON objects into one record batch, as Arrow's reader does."""
+
     def record_columns(self, records: Sequence[Any],
                        join_values: bool = False) -> RecordColumns:
         """Return the values, keys, offsets and timestamps of ConsumerRecords."""
@@ -88,3 +92,8 @@ class Kernels(Protocol):
     def parse_record_batches(self, data: bytes, fetch_offset: int, join_values: bool = False,
                              check_crcs: bool = False) -> FetchedColumns:
         """Parse the ``records`` field of one partition in a FetchResponse into columns."""
+
+    def encode_record_batch(self, keys: Sequence[bytes | None] | None,
+                            values: Sequence[bytes | None], rows: np.ndarray | range,
+                            timestamp_ms: int, max_bytes: int) -> tuple[bytes, int]:
+        """Write the first rows that fit in ``max_bytes`` as one Kafka record batch."""

@@ -8,6 +8,7 @@ the compiled encoders call these twins for the Arrow types they do not read.
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -17,6 +18,7 @@ import msgpack
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.json as pajson
 
 from sabot.errors import ConfigError, CorruptRecordError, MissingExtraError
 from sabot.ext._protocols import TIMESTAMP_TYPE, FetchedColumns, JoinedValues, RecordColumns
@@ -166,6 +168,38 @@ def join_values_with_newlines(values: Sequence[bytes | None]) -> JoinedValues:
         # Any newline beyond the separators is inside a value.
         newline_in_values=data.count(b"\n") > max(len(present) - 1, 0),
     )
+
+
+def decode_json_objects(data: bytes, count: int, newline_in_values: bool = False,
+                        schema: pa.Schema | None = None) -> pa.RecordBatch | None:
+    """Parse ``count`` JSON objects separated by newlines into one record batch.
+
+    This is ``pyarrow.json.read_json`` over the whole input. Returns None
+    when the reader fails or finds a different number of objects.
+    ``newline_in_values`` means that a value contains a newline of its own (a
+    pretty-printed object), so a newline does not end a record. ``schema``
+    fixes the types of the columns it names; other fields are inferred.
+    """
+    parse_options = pajson.ParseOptions(
+        explicit_schema=schema,
+        newlines_in_values=newline_in_values,
+        unexpected_field_behavior="infer",
+    )
+    # One block for the whole input: types are inferred from all rows at
+    # once, so a column is never int in one block and double in the next.
+    read_options = pajson.ReadOptions(use_threads=False, block_size=len(data) + 1024)
+    try:
+        table = pajson.read_json(io.BytesIO(data), read_options=read_options,
+                                 parse_options=parse_options)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows != count:
+        return None
+    # After combine_chunks a table has one batch, or none when it is empty.
+    batches = table.combine_chunks().to_batches()
+    if batches:
+        return batches[0]
+    return pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 # -- Kafka record batches (message format v2, magic 2) ------------------------------------
@@ -433,3 +467,113 @@ def _no_records(fetch_offset: int, join_values: bool, legacy_format: bool) -> Fe
         parsed_bytes=0,
         legacy_format=legacy_format,
     )
+
+
+# -- Producer record batches ----------------------------------------------------------------
+#
+# The sink sends each batch in the layout drawn above parse_record_batches,
+# with the fields that aiokafka 0.14's BatchBuilder writes for a producer that
+# is neither idempotent nor transactional: baseOffset 0, partitionLeaderEpoch
+# -1, attributes 0 (no compression, CreateTime), producerId -1, producerEpoch
+# -1 and baseSequence 0. Every record has timestamp delta 0 and no headers.
+
+#: The error for a row whose record alone exceeds the 2 GiB a batch can
+#: address. ``size`` is the bytes of its key and value.
+MESSAGE_TOO_LARGE = ("a message of {size} bytes does not fit a Kafka record batch; "
+                     "split it into messages below 2 GiB")
+
+
+def check_batch_arguments(keys: Sequence[bytes | None] | None, values: Sequence[bytes | None],
+                          timestamp_ms: int, max_bytes: int) -> tuple[int, int]:
+    """Validate the arguments of ``encode_record_batch`` other than the rows.
+
+    Returns the timestamp and the byte limit, capped at the 2 GiB that the
+    int32 batchLength field addresses.
+    """
+    if keys is not None and len(keys) != len(values):
+        raise ValueError(f"keys and values must have the same length, got {len(keys)} "
+                         f"keys and {len(values)} values")
+    if isinstance(timestamp_ms, bool) or not isinstance(timestamp_ms, (int, np.integer)):
+        raise TypeError(f"timestamp_ms must be an integer (epoch milliseconds), "
+                        f"got {type(timestamp_ms).__name__}")
+    if not -2**63 <= timestamp_ms < 2**63:
+        raise OverflowError(f"timestamp_ms {timestamp_ms} does not fit the int64 "
+                            f"timestamp of a record batch")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) \
+            or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    return int(timestamp_ms), int(min(max_bytes, INT32_MAX))
+
+
+def row_indices(rows) -> np.ndarray:
+    """Return ``rows``, a range or a one-dimensional sequence of integers, as int64."""
+    if isinstance(rows, range):
+        return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+    array = np.asarray(rows)
+    if array.ndim != 1:
+        raise ValueError(f"rows must be one-dimensional, got {array.ndim} dimensions")
+    if array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"rows must be integers, got an array of {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _check_field(item, name: str, row: int) -> bytes | None:
+    if item is None or type(item) is bytes:
+        return item
+    if isinstance(item, bytes):
+        return bytes(item)  # aiokafka's builder takes exact bytes only
+    raise TypeError(f"a Kafka {name} must be bytes or None, got "
+                    f"{type(item).__name__} at row {row}")
+
+
+def encode_record_batch(keys: Sequence[bytes | None] | None, values: Sequence[bytes | None],
+                        rows, timestamp_ms: int, max_bytes: int) -> tuple[bytes, int]:
+    """Write the ``rows`` of ``values`` and ``keys`` as one Kafka record batch.
+
+    ``rows`` is a range or a one-dimensional integer array of indices into
+    ``values``, and into ``keys`` unless ``keys`` is None (records without
+    keys). Keys and values are ``bytes`` or None. Record i of the batch is row
+    ``rows[i]`` at offset delta i, with timestamp ``timestamp_ms`` (epoch
+    milliseconds) and no headers.
+
+    Returns ``(batch, rows_written)``. The batch contains the first rows whose
+    records keep it within ``max_bytes``, and the caller passes the rest in
+    the next call. A first row larger than ``max_bytes`` goes alone in its
+    batch. With no rows, returns ``(b"", 0)``. Raises ConfigError (a
+    ValueError) when a batch of one row would exceed 2 GiB, IndexError
+    for a row outside ``values`` and TypeError for a key or value that is
+    not bytes or None.
+    """
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    timestamp, limit = check_batch_arguments(keys, values, timestamp_ms, max_bytes)
+    indices = row_indices(rows).tolist()
+    if not indices:
+        return b"", 0
+
+    # The limit is checked here because aiokafka's two builders differ at the
+    # edge: its Cython builder keeps a batch below batch_size, its Python one
+    # lets it reach batch_size, and both accept a first record of any size.
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=0,
+                                        batch_size=INT32_MAX)
+    written = 0
+    for i in indices:
+        if not 0 <= i < len(values):
+            raise IndexError(f"row {i} is out of range for {len(values)} values")
+        key = None if keys is None else _check_field(keys[i], "key", i)
+        value = _check_field(values[i], "value", i)
+        record_size = builder.size_in_bytes(written, timestamp, key=key, value=value,
+                                            headers=[])
+        if builder.size() + record_size > limit and written > 0:
+            break
+        if builder.size() + record_size > INT32_MAX:
+            raise ConfigError(MESSAGE_TOO_LARGE.format(
+                size=len(key or b"") + len(value or b"")))
+        builder.append(written, timestamp, key=key, value=value, headers=[])
+        written += 1
+        if builder.size() > limit:
+            # A first record beyond the limit goes alone in its batch, as
+            # the Java client sends a record larger than batch.size.
+            break
+    return bytes(builder.build()), written

@@ -1,0 +1,6 @@
+import pyarrow as pa
+
+def decode_json_objects(data: bytes, count: int, newline_in_values: bool = ...,
+                        schema: pa.Schema | None = ...) -> pa.RecordBatch | None: ...
+def read_flat_objects(data: bytes, count: int,
+                      one_per_line: bool = ...) -> pa.RecordBatch | None: ...
