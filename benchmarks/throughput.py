@@ -302,7 +302,8 @@ async def main(args) -> None:
             rate = run_peer(name, bootstrap, topic, peer_count)
             if rate is not None:
                 results[name] = rate
-                print(f"{name:<21}{rate:>12,.0f} msgs/s   (first {peer_count:,} messages)",
+                share = "all" if peer_count == args.messages else "first"
+                print(f"{name:<21}{rate:>12,.0f} msgs/s   ({share} {peer_count:,} messages)",
                       flush=True)
     finally:
         broker.stop()
