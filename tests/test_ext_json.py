@@ -2,14 +2,13 @@
 
 ``decode_json_objects`` must return what ``pyarrow.json.read_json`` returns.
 The compiled kernel reads flat objects itself and declines the rest, which
-then goes to the twin; ``read_flat_objects`` is its reader alone, so the
-tests can tell an answer from a decline.
+then goes to the twin. ``read_flat_objects`` is its reader alone, so the
+tests can tell a read from a decline.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -18,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sabot.ext import _twins
+from tests import test_ext
 
-NO_EXTENSIONS = bool(os.environ.get("SABOT_NO_EXTENSIONS"))
+# The fixtures of test_ext.py: each implementation in turn, and the compiled one.
+kernels = test_ext.kernels
+compiled = test_ext.compiled
 
 
-SKIP_COMPILED = "SABOT_NO_EXTENSIONS is set: only the pure-Python twins are tested"
-
-
-def _compiled():
+def _json_module():
     # An ImportError here fails the test: only SABOT_NO_EXTENSIONS skips it.
     from sabot.ext import _json
 
@@ -33,21 +32,15 @@ def _compiled():
 
 
 @pytest.fixture(scope="module")
-def fast():
-    """The compiled module, for comparing it with the twin."""
-    if NO_EXTENSIONS:
-        pytest.skip(SKIP_COMPILED)
-    return _compiled()
+def fast(compiled):
+    """The compiled JSON module, for comparing it with the twin (skipped with the twins)."""
+    return _json_module()
 
 
-@pytest.fixture(params=["compiled", "twin"])
-def kernel(request):
-    """Each implementation in turn; the twin has no reader of its own to check."""
-    if request.param == "twin":
-        return None
-    if NO_EXTENSIONS:
-        pytest.skip(SKIP_COMPILED)
-    return _compiled()
+@pytest.fixture
+def kernel(kernels):
+    """Each implementation in turn; None stands for the twin, which has no reader of its own."""
+    return None if kernels is _twins else _json_module()
 
 
 def lines(*objects: bytes) -> tuple[bytes, int]:

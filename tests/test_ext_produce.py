@@ -27,38 +27,16 @@ from sabot.agents.sink import EncodedBatch, TopicSink, encoded_batch_size
 from sabot.codecs import get_codec
 from sabot.errors import ConfigError
 from sabot.ext import _twins
+from tests import test_ext
 from tests.kafka_helpers import create_topic, read_topic
 
-NO_EXTENSIONS = bool(os.environ.get("SABOT_NO_EXTENSIONS"))
-SKIP_COMPILED = "SABOT_NO_EXTENSIONS is set: only the pure-Python twins are tested"
 TIMESTAMP = 1_700_000_000_123
 HEADER_SIZE = 61
 PARTITIONS = 4
 
-
-def _compiled_module():
-    # An ImportError here fails the test: only SABOT_NO_EXTENSIONS skips it.
-    from sabot.ext import _compiled
-
-    return _compiled
-
-
-@pytest.fixture(params=["compiled", "twin"])
-def kernels(request):
-    """Each implementation in turn: the compiled kernels, then the twins."""
-    if request.param == "twin":
-        return _twins
-    if NO_EXTENSIONS:
-        pytest.skip(SKIP_COMPILED)
-    return _compiled_module()
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    """The compiled kernels, for comparing them with the twins."""
-    if NO_EXTENSIONS:
-        pytest.skip(SKIP_COMPILED)
-    return _compiled_module()
+# The fixtures of test_ext.py: each implementation in turn, and the compiled one.
+kernels = test_ext.kernels
+compiled = test_ext.compiled
 
 
 def encode_all(kernels, keys, values, rows, max_bytes, timestamp=TIMESTAMP):
