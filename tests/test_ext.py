@@ -220,3 +220,55 @@ def test_setup_py_builds_importable_kernels(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.murmur2(b"21") == -973932308
+
+
+@pytest.mark.slow
+def test_setup_py_without_compiler_builds_nothing(tmp_path):
+    """With no C compiler, setup.py still succeeds and says the twins will be used."""
+    missing = tmp_path / "no-such-cc"
+    env = dict(os.environ, CC=str(missing), LDSHARED=f"{missing} -shared")
+    build_lib = tmp_path / "lib"
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(build_lib),
+         "--build-temp", str(tmp_path / "temp")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "could not compile" in result.stderr
+    assert "the pure-Python twin will be used" in result.stderr
+    assert not list(build_lib.rglob("*.so"))
+
+
+# The worker, started with one compiled kernel missing, as after an install
+# without a compiler: sabot.ext falls back to every twin and the worker warns.
+WORKER_WITHOUT_KERNELS = """
+import asyncio, logging, sys
+sys.modules["sabot.ext._json"] = None  # importing it now raises ImportError
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from sabot import Sabot, ext
+assert not ext.USING_EXTENSIONS
+
+app = Sabot("twins-warning", broker=sys.argv[1], session_timeout_ms=6000,
+            progress_interval=0)
+
+@app.dataflow(sys.argv[2], sink=sys.argv[2] + "-out")
+def copy(stream):
+    return stream
+
+async def main():
+    await app.start()
+    await app.stop()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.broker
+def test_worker_warns_once_without_kernels(broker_url, topic):
+    env = {k: v for k, v in os.environ.items() if k != "SABOT_NO_EXTENSIONS"}
+    result = subprocess.run([sys.executable, "-c", WORKER_WITHOUT_KERNELS, broker_url, topic],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("the Cython kernels are not compiled") == 1, result.stderr
