@@ -224,7 +224,7 @@ def test_setup_py_builds_importable_kernels(tmp_path):
 
 @pytest.mark.slow
 def test_setup_py_without_compiler_builds_nothing(tmp_path):
-    """With no C compiler, setup.py still succeeds and says the twins will be used."""
+    """With no C compiler, setup.py still succeeds and prints that the twins will be used."""
     missing = tmp_path / "no-such-cc"
     env = dict(os.environ, CC=str(missing), LDSHARED=f"{missing} -shared")
     build_lib = tmp_path / "lib"
