@@ -214,8 +214,8 @@ async def run_sabot(bootstrap: str, topic: str, count: int, flow, name: str,
 
 
 PEERS = {"faust": ("faust", "faust_orders.py"), "quix": ("quixstreams", "quix_orders.py")}
-# Faust handles about 5,000 messages a second here, so by default it reads
-# only the start of the topic; the other peers read all of it.
+# Faust handles about 5,000 messages a second here. By default it reads
+# only the start of the topic, and the other peers read all of it.
 PEER_MESSAGES = {"faust": 200_000}
 
 
@@ -240,10 +240,17 @@ def run_peer(name: str, bootstrap: str, topic: str, count: int) -> float | None:
     return float(match.group(1))
 
 
+# Fewer samples than this, taken while messages flowed, show no trend.
+MIN_RSS_SAMPLES = 4
+
+
 def describe_rss(samples) -> str:
     if not samples:
         return "no samples"
     peak = max(r for _, r in samples)
+    if sum(1 for consumed, _ in samples if consumed) < MIN_RSS_SAMPLES:
+        return (f"peak RSS {peak / 2**20:.0f} MiB; the run was too short to show growth "
+                f"(RSS is sampled every 0.25 s)")
     total = samples[-1][0] or 1
     half = [r for c, r in samples if c <= total / 2]
     at_half = max(half) if half else peak
@@ -255,8 +262,8 @@ def describe_rss(samples) -> str:
 def rss_by_tenth(samples) -> str:
     """List the peak RSS up to each tenth of the messages, to show whether it levels off."""
     total = samples[-1][0] if samples else 0
-    if not total:
-        return "no samples"
+    if sum(1 for consumed, _ in samples if consumed) < MIN_RSS_SAMPLES:
+        return "none: the run was too short (RSS is sampled every 0.25 s)"
     peaks = []
     for tenth in range(1, 11):
         seen = [r for c, r in samples if c <= total * tenth / 10]
@@ -285,6 +292,9 @@ async def main(args) -> None:
         if confluent is not None:
             results["confluent-kafka consume"] = confluent
             print(f"confluent-kafka consume {confluent:>9,.0f} msgs/s", flush=True)
+        else:
+            print("confluent-kafka      skipped: install the bench extra "
+                  "(pip install -e '.[bench]')", flush=True)
         rss = {}
         for name, flow in (("big_orders", big_orders), ("stateless", stateless)):
             for fetcher in args.fetchers:
@@ -330,6 +340,13 @@ async def main(args) -> None:
             if name in results:
                 print(f"sabot stateless / {name} = {stateless_rate / results[name]:.1f}")
         print(f"sabot stateless / the faster peer = {stateless_rate / fastest:.1f}")
+    stateless_rate = results[sabot_label("stateless", args.fetchers[0], args.fetchers)]
+    targets = [("sabot stateless / raw consume+produce", stateless_rate / raw_cp, 0.6)]
+    if peers:
+        targets.append(("sabot stateless / the faster peer", stateless_rate / max(peers), 10))
+    for name, ratio, target in targets:
+        verdict = "met" if ratio >= target else "missed"
+        print(f"target: {name} at least {target:g}: {verdict} ({ratio:.2f})")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process over the whole run: {peak:.0f} MiB")
 

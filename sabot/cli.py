@@ -95,7 +95,7 @@ def send(topic: str, broker: str | None, key_field: str | None, partitions: int)
     except SabotError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"sent {sent} messages to {topic}", err=True)
+    click.echo(f"sent {sent} message{'' if sent == 1 else 's'} to {topic}", err=True)
 
 
 @main.command()

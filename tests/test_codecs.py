@@ -129,3 +129,80 @@ def test_arrow_schema_mismatch_is_an_error():
 def test_unknown_codec_lists_choices():
     with pytest.raises(ConfigError, match=r"\['arrow', 'json', 'msgpack', 'raw'\]"):
         get_codec("avro")
+
+
+# -- the types that earlier messages established ------------------------------------------
+
+
+def decode_all(codec, *fetches):
+    """Decode each fetch in turn with one codec; return the results."""
+    return [codec.decode(list(values)) for values in fetches]
+
+
+def test_missing_field_becomes_null_column():
+    first, second = decode_all(get_codec("json"), [b'{"id": 1, "amount": 2.5}'],
+                               [b'{"id": 2}'])
+    assert second.batch.schema == first.batch.schema
+    assert second.batch.to_pylist() == [{"id": 2, "amount": None}]
+
+
+def test_int_and_double_merge_to_double():
+    codec = get_codec("json")
+    first, second, third = decode_all(codec, [b'{"x": 1}'], [b'{"x": 1.5}'], [b'{"x": 2}'])
+    assert first.batch.schema.field("x").type == pa.int64()
+    assert second.batch.schema.field("x").type == pa.float64()
+    assert third.batch.column("x").to_pylist() == [2.0]
+    assert codec.learned.field("x").type == pa.float64()
+
+
+def test_value_of_other_type_is_an_error():
+    codec = get_codec("json")
+    _, second = decode_all(codec, [b'{"id": 1, "amount": 2.5}'],
+                           [b'{"id": 2, "amount": 3}', b'{"id": 3, "amount": "lots"}',
+                            b'{"id": 4}'])
+    assert second.batch.column("id").to_pylist() == [2, 4]
+    assert second.rows_from.tolist() == [0, 2]
+    assert len(second.errors) == 1
+    index, reason = second.errors[0]
+    assert index == 1
+    assert reason.startswith("field 'amount' is 'lots' (string), but earlier messages "
+                             "made it double; send double values")
+
+
+def test_wrong_type_alone_in_fetch_is_an_error():
+    _, second = decode_all(get_codec("json"), [b'{"amount": 2.5}'], [b'{"amount": "lots"}'])
+    assert second.batch.num_rows == 0
+    assert [index for index, _ in second.errors] == [0]
+    assert "field 'amount' is 'lots'" in second.errors[0][1]
+
+
+def test_date_text_stays_string_in_string_column():
+    _, second = decode_all(get_codec("json"), [b'{"note": "hello"}'],
+                           [b'{"note": "2024-01-31"}'])
+    assert second.errors == []
+    assert second.batch.column("note").to_pylist() == ["2024-01-31"]
+    assert second.batch.schema.field("note").type == pa.string()
+
+
+def test_new_fields_follow_known_ones():
+    codec = get_codec("json")
+    _, second = decode_all(codec, [b'{"a": 1}'], [b'{"b": "x", "a": 2}'])
+    assert second.batch.schema.names == ["a", "b"]
+    assert codec.learned.names == ["a", "b"]
+
+
+def test_declared_schema_error_names_field():
+    codec = get_codec("json", pa.schema([("amount", pa.float64())]))
+    decoded = codec.decode([b'{"amount": 1}', b'{"amount": "lots"}'])
+    assert decoded.batch.column("amount").to_pylist() == [1.0]
+    assert decoded.errors[0][0] == 1
+    assert "but the schema of the dataflow made it double" in decoded.errors[0][1]
+
+
+def test_msgpack_value_of_other_type_is_an_error():
+    codec = get_codec("msgpack")
+    _, second = decode_all(codec, [msgpack.packb({"amount": 2.5})],
+                           [msgpack.packb({"amount": "lots"}), msgpack.packb({"id": 3})])
+    assert second.batch.to_pylist() == [{"amount": None, "id": 3}]
+    assert [index for index, _ in second.errors] == [0]
+    assert "field 'amount' is 'lots'" in second.errors[0][1]

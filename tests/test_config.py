@@ -98,8 +98,8 @@ def test_dataflow_must_return_stream():
 
 
 def test_dataflows_share_decoder_per_codec():
-    # One decoder instance per (codec, schema) lets the worker decode each
-    # fetch of a topic once for every dataflow that reads it.
+    # One decoder instance per (codec, schema, topics) lets the worker decode
+    # each fetch of a topic once for every dataflow that reads it.
     app = Sabot("x", broker="kafka://127.0.0.1:1")
     app.dataflow("a", name="one")(lambda s: s)
     app.dataflow("a", name="two", sink_codec="msgpack")(lambda s: s)
@@ -107,3 +107,16 @@ def test_dataflows_share_decoder_per_codec():
     assert app.dataflows["one"].codec is app.dataflows["two"].codec
     assert app.dataflows["one"].codec is not app.dataflows["three"].codec
     assert app.dataflows["two"].sink_codec.name == "msgpack"
+
+
+def test_decoders_are_per_topic():
+    # A decoder remembers the value types of its topics, so another topic
+    # gets its own.
+    app = Sabot("x", broker="kafka://127.0.0.1:1")
+    app.dataflow("a", name="one")(lambda s: s)
+    app.dataflow("b", name="two")(lambda s: s)
+    app.dataflow(["b", "a"], name="both")(lambda s: s)
+    app.dataflow(["a", "b"], name="both_again")(lambda s: s)
+    assert app.dataflows["one"].codec is not app.dataflows["two"].codec
+    assert app.dataflows["both"].codec is app.dataflows["both_again"].codec
+    assert app.dataflows["both"].codec is not app.dataflows["one"].codec

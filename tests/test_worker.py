@@ -120,6 +120,40 @@ async def test_malformed_json_goes_to_dead_letters(broker, broker_url, topic, un
     assert await committed_offsets(broker, unique_name, topic, 1) == {0: ends[0]}
 
 
+async def test_value_of_wrong_type_goes_to_dead_letters(broker, broker_url, topic,
+                                                        unique_name):
+    # The first fetch makes "amount" a double. A later message with a string
+    # there goes to the dead-letter topic, and a message without it is read
+    # with a null amount: neither stops the worker.
+    await create_topic(broker, topic, 1)
+    await produce(broker, topic, [(None, b'{"id": 1, "amount": 60.5}'),
+                                  (None, b'{"id": 2, "amount": 70}')])
+    sink = f"{topic}-out"
+    app = make_app(unique_name, broker_url)
+
+    @app.dataflow(topic, sink=sink)
+    def big_orders(stream):
+        return stream.filter(lambda b: pc.greater(b["amount"], 50)).select("id")
+
+    async def both_phases():
+        first = await read_topic(broker, sink, 2)
+        ends = await produce(broker, topic, [(None, b'{"id": 7, "amount": "lots"}'),
+                                             (None, b'{"id": 6}'),
+                                             (None, b'{"id": 8, "amount": 80}')])
+        out = await read_topic(broker, sink, 3)
+        dead = await read_topic(broker, f"{unique_name}-dlq", 1)
+        return first, ends, out, dead
+
+    first, ends, out, dead = await run_until(app, both_phases)
+    assert sorted(orjson.loads(r.value)["id"] for r in first) == [1, 2]
+    assert sorted(orjson.loads(r.value)["id"] for r in out) == [1, 2, 8]
+    assert [r.value for r in dead] == [b'{"id": 7, "amount": "lots"}']
+    reason = dict(dead[0].headers)["sabot.error"].decode()
+    assert "field 'amount' is 'lots' (string)" in reason
+    assert "earlier messages made it double" in reason
+    assert await committed_offsets(broker, unique_name, topic, 1) == {0: ends[0]}
+
+
 @pytest.mark.parametrize("codec", ["msgpack", "arrow"])
 async def test_codec_round_trip_through_broker(broker, broker_url, topic, unique_name, codec):
     rows = [{"id": i, "name": f"n{i}", "score": i / 4} for i in range(50)]

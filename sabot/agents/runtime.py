@@ -484,8 +484,8 @@ class Worker:
             stats.produced, (stats.produced - produced_before) / elapsed,
             stats.dead_letters, "?" if lag < 0 else lag)
         if stats.dead_letters > self._dead_letters_logged:
-            logger.warning("%d messages could not be decoded so far; they are in %s",
-                           stats.dead_letters, self.app.dead_letter_topic)
+            logger.warning("dead letters so far: %d (messages that could not be decoded, "
+                           "in %s)", stats.dead_letters, self.app.dead_letter_topic)
             self._dead_letters_logged = stats.dead_letters
         return now, stats.consumed, stats.produced
 

@@ -50,9 +50,9 @@ def make_dataflow(fn: Callable, topics: str | list[str], sink: SinkTarget, codec
                   sink_codec: Any, codecs: dict | None = None) -> Dataflow:
     """Validate a registration and build its Dataflow.
 
-    ``codecs`` caches decoders by (name, schema), so dataflows that read one
-    topic with the same codec share its instance and the worker decodes each
-    fetch of that topic once for all of them.
+    ``codecs`` caches decoders by (name, schema, topics), so dataflows that
+    read the same topics with the same codec share its instance and the
+    worker decodes each fetch of those topics once for all of them.
     """
     if isinstance(topics, str):
         topics = [topics]
@@ -67,9 +67,12 @@ def make_dataflow(fn: Callable, topics: str | list[str], sink: SinkTarget, codec
         raise ConfigError(f"dataflow sink {sink!r} is also one of its source topics; "
                           f"that would feed its own output back forever")
     if isinstance(codec, str) and codecs is not None:
-        decoder = codecs.get((codec, schema))
+        # The topics are part of the key because a decoder remembers the
+        # value types of what it decoded (see sabot.codecs.base.keep_types).
+        key = (codec, schema, tuple(sorted(topics)))
+        decoder = codecs.get(key)
         if decoder is None:
-            decoder = codecs[(codec, schema)] = get_codec(codec, schema)
+            decoder = codecs[key] = get_codec(codec, schema)
     else:
         decoder = get_codec(codec, schema)
     encoder = get_codec(sink_codec if sink_codec is not None else codec)

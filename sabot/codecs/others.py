@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from sabot import ext
-from sabot.codecs.base import Codec, Decoded, empty_batch, without_rows
+from sabot.codecs.base import Codec, Decoded, empty_batch, keep_types, without_rows
 from sabot.errors import CodecError
 
 
@@ -18,8 +18,17 @@ class MsgpackCodec(Codec):
 
     def __init__(self, schema: pa.Schema | None = None):
         self.schema = schema
+        #: Without ``schema``, the types that the messages decoded so far
+        #: established (see ``keep_types``).
+        self.learned: pa.Schema | None = None
 
     def decode(self, values: list[bytes | None]) -> Decoded:
+        if self.schema is not None:
+            return self._decode(values)
+        decoded, self.learned, _ = keep_types(self._decode(values), self.learned)
+        return decoded
+
+    def _decode(self, values: list[bytes | None]) -> Decoded:
         rows, bad = [], []
         for i, value in enumerate(values):
             if not value:
@@ -37,7 +46,12 @@ class MsgpackCodec(Codec):
         if not rows:
             return Decoded(empty_batch(), without_rows(len(values), bad), bad)
         try:
-            batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
+            if self.schema is None:
+                # Inferred from every row: from_pylist would take the first
+                # row's keys only.
+                batch = pa.RecordBatch.from_struct_array(pa.array(rows))
+            else:
+                batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             # Rows whose types cannot share columns: keep those that fit the first.
             return _decode_row_by_row(values, rows, bad, exc, self.schema)

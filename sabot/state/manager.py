@@ -147,8 +147,8 @@ class StateManager:
         if consumer is not None:
             await consumer.stop()
         if self.stores:
-            logger.info("state: %d late records (%d of them dropped), %d dead letters from "
-                        "stateful operators", self.late_records, self.dropped_late_records,
+            logger.info("state: late records %d (dropped %d), dead letters from stateful "
+                        "operators %d", self.late_records, self.dropped_late_records,
                         self.dead_letters)
 
     def revoke(self, tps) -> None:
