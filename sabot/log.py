@@ -21,10 +21,19 @@ def configure_logging(level: str | int = "INFO") -> None:
         level = logging.getLevelNamesMapping()[name]
     root = logging.getLogger("sabot")
     root.setLevel(level)
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
-        root.addHandler(handler)
-        root.propagate = False
-    # aiokafka logs each rebalance step at INFO; keep its warnings and errors.
-    logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
+    _format_to_stderr(root)
+    # aiokafka logs each rebalance step at INFO; keep its warnings and errors,
+    # in the same format as Sabot's own lines.
+    client = logging.getLogger("aiokafka")
+    client.setLevel(max(level, logging.WARNING))
+    _format_to_stderr(client)
+
+
+def _format_to_stderr(logger: logging.Logger) -> None:
+    """Give ``logger`` a formatted stderr handler unless it has handlers already."""
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False

@@ -358,7 +358,7 @@ class Worker:
     async def _process(self, fetched) -> None:
         futures: list[asyncio.Future] = []
         commits: dict[TopicPartition, int] = {}
-        consumed = dead = 0
+        consumed = dead = produced = 0
         for tp, records in fetched.items():
             agents = self.by_topic.get(tp.topic, ())
             decoded_by_codec: dict[int, tuple] = {}
@@ -383,13 +383,13 @@ class Worker:
                         f"on {format_tp(tp)} offsets {records[0].offset}..{records[-1].offset}"
                     ) from exc
                 sent = await agent.emit(outputs)
-                self.stats.produced += sum(b.num_rows for b in outputs) if sent else 0
+                produced += sum(b.num_rows for b in outputs) if sent else 0
                 futures.extend(sent)
                 futures.extend(await self.state.write(agent, tp, records[-1].offset))
             consumed += len(records)
             commits[tp] = records[-1].offset + 1
 
-        finish = self._finish(futures, commits, consumed, dead)
+        finish = self._finish(futures, commits, consumed, dead, produced)
         if self.state.stores:
             # Stateful dataflows write their markers per fetch, so each fetch
             # is acknowledged and committed before the next one is processed.
@@ -407,7 +407,8 @@ class Worker:
         if pending is not None:
             await pending
 
-    async def _finish(self, futures, commits, consumed: int, dead: int) -> None:
+    async def _finish(self, futures, commits, consumed: int, dead: int,
+                      produced: int) -> None:
         """Await a fetch's sends, then write state markers and commit its offsets."""
         if futures:
             await asyncio.gather(*futures)
@@ -415,7 +416,9 @@ class Worker:
         await self.state.mark()
         await self._commit(commits)
         self.positions.update(commits)
+        # Counted once acknowledged and committed, like the consumed records.
         self.stats.consumed += consumed
+        self.stats.produced += produced
         self.stats.dead_letters += dead
         self.stats.batches += 1
         self.stats.last_commit = time.monotonic()

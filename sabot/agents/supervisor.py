@@ -107,7 +107,7 @@ class Supervisor:
                     for signum in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child_exit)
         parent_death.prepare()
-        logger.info("supervisor starting %d workers of app %s: pid=%d", len(self.children),
+        logger.info("supervisor starting %d workers of -A %s: pid=%d", len(self.children),
                     self.app_path, os.getpid())
         try:
             for child in self.children:
