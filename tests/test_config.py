@@ -53,6 +53,9 @@ def test_settings_reject_unknown_and_invalid(monkeypatch):
         Settings.from_kwargs({"topic_partitions": 0})
     with pytest.raises(ConfigError, match="auto_offset_reset"):
         Settings.from_kwargs({"auto_offset_reset": "beginning"})
+    with pytest.raises(ConfigError, match="dataflow_errors must be 'stop' or 'dead-letter', "
+                                          "got 'skip'"):
+        Settings.from_kwargs({"dataflow_errors": "skip"})
     monkeypatch.setenv("SABOT_MAX_RECORDS", "many")
     with pytest.raises(ConfigError, match="SABOT_MAX_RECORDS='many'"):
         Settings.from_kwargs({})

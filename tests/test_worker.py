@@ -154,6 +154,56 @@ async def test_value_of_wrong_type_goes_to_dead_letters(broker, broker_url, topi
     assert await committed_offsets(broker, unique_name, topic, 1) == {0: ends[0]}
 
 
+async def test_failing_records_go_to_dead_letters(broker, broker_url, topic, unique_name):
+    await create_topic(broker, topic, 1)
+    ends = await produce(broker, topic, [(None, orjson.dumps({"id": i}))
+                                         for i in range(1, 21)])
+    sink = f"{topic}-out"
+    app = Sabot(unique_name, broker=broker_url, session_timeout_ms=6000,
+                progress_interval=0, topic_partitions=4, dataflow_errors="dead-letter")
+
+    def reject_13(batch: pa.RecordBatch) -> pa.RecordBatch:
+        if 13 in batch.column("id").to_pylist():
+            raise ValueError("id 13 is not allowed")
+        return batch
+
+    @app.dataflow(topic, sink=sink)
+    def checked(stream):
+        return stream.map(reject_13).select("id")
+
+    async def both():
+        out = await read_topic(broker, sink, 19)
+        dead = await read_topic(broker, f"{unique_name}-dlq", 1)
+        return out, dead
+
+    out, dead = await run_until(app, both)
+    assert sorted(orjson.loads(r.value)["id"] for r in out) == [i for i in range(1, 21)
+                                                                if i != 13]
+    assert [r.value for r in dead] == [b'{"id":13}']
+    headers = dict(dead[0].headers)
+    assert headers["sabot.dataflow"] == b"checked"
+    assert headers["sabot.offset"] == b"12"
+    assert headers["sabot.error"] == b"dataflow 'checked' raised ValueError: id 13 is not allowed"
+    assert await committed_offsets(broker, unique_name, topic, 1) == {0: ends[0]}
+
+
+def test_isolate_failures_finds_each_failing_row():
+    from sabot.agents.runtime import isolate_failures
+
+    def process(batch):
+        ids = batch.column("id").to_pylist()
+        if any(i % 7 == 0 for i in ids):
+            raise ValueError(f"multiple of 7 in {ids}")
+        return [batch]
+
+    batch = pa.record_batch({"id": list(range(1, 23))})
+    outputs, failed = isolate_failures(process, batch)
+    assert [row for row, _ in failed] == [6, 13, 20]
+    assert all(isinstance(exc, ValueError) for _, exc in failed)
+    assert [i for b in outputs for i in b.column("id").to_pylist()] == \
+        [i for i in range(1, 23) if i % 7]
+
+
 @pytest.mark.parametrize("codec", ["msgpack", "arrow"])
 async def test_codec_round_trip_through_broker(broker, broker_url, topic, unique_name, codec):
     rows = [{"id": i, "name": f"n{i}", "score": i / 4} for i in range(50)]

@@ -32,6 +32,8 @@ import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -130,6 +132,33 @@ class _RebalanceListener(ConsumerRebalanceListener):
             self.worker.consumer.pause(*assigned)
             fetcher.assign(assigned)
         self.worker.assigned.set()
+
+
+def isolate_failures(process, batch: pa.RecordBatch):
+    """Run ``process`` over halves of ``batch`` until each failing row is isolated.
+
+    ``process`` already raised on the whole batch. Returns the outputs of
+    the parts that passed, in row order, and ``(row, exception)`` for each
+    row that raises by itself.
+    """
+    outputs: list[pa.RecordBatch] = []
+    failed: list[tuple[int, Exception]] = []
+
+    def run(start: int, part: pa.RecordBatch) -> None:
+        try:
+            outputs.extend(process(part))
+        except Exception as exc:  # noqa: BLE001 - any dataflow error is isolated
+            if part.num_rows <= 1:
+                failed.append((start, exc))
+                return
+            half = part.num_rows // 2
+            run(start, part.slice(0, half))
+            run(start + half, part.slice(half))
+
+    half = batch.num_rows // 2
+    run(0, batch.slice(0, half))
+    run(half, batch.slice(half))
+    return outputs, failed
 
 
 def _tps(tps) -> str:
@@ -378,10 +407,18 @@ class Worker:
                 try:
                     outputs = pipeline.process(batch)
                 except Exception as exc:
-                    raise DataflowError(
-                        f"dataflow {agent.flow.name!r} raised {type(exc).__name__}: {exc} "
-                        f"on {format_tp(tp)} offsets {records[0].offset}..{records[-1].offset}"
-                    ) from exc
+                    if (self.settings.dataflow_errors != "dead-letter"
+                            or agent.flow.name in self.state.stores):
+                        raise DataflowError(
+                            f"dataflow {agent.flow.name!r} raised {type(exc).__name__}: "
+                            f"{exc} on {format_tp(tp)} offsets "
+                            f"{records[0].offset}..{records[-1].offset}"
+                        ) from exc
+                    outputs, errors = self._isolate_failures(agent, tp, pipeline, batch,
+                                                             cached[1].rows_from, exc)
+                    dead += len(errors)
+                    futures.extend(await self._dead_letter(tp, records, errors,
+                                                           codec.name, agent.flow.name))
                 sent = await agent.emit(outputs)
                 produced += sum(b.num_rows for b in outputs) if sent else 0
                 futures.extend(sent)
@@ -442,7 +479,29 @@ class Worker:
                                _tps(commits), attempt, exc)
                 await asyncio.sleep(0.2 * attempt)
 
-    async def _dead_letter(self, tp, records, errors, codec_name) -> list[asyncio.Future]:
+    def _isolate_failures(self, agent, tp, pipeline, batch: pa.RecordBatch,
+                          rows_from: np.ndarray, first: Exception):
+        """Find the records of ``batch`` that make the dataflow raise alone.
+
+        Returns the outputs of the other records and ``(record index, reason)``
+        for each failing one. The dataflow has no state, so running its
+        records again gives the same result.
+        """
+        outputs, failed = isolate_failures(pipeline.process, batch)
+        offsets = batch.column("_offset")
+        logger.warning(
+            "dataflow %r raised %s: %s on %s; %d of its %d records fail alone "
+            "(offsets %s) and go to %s", agent.flow.name, type(first).__name__, first,
+            format_tp(tp), len(failed), batch.num_rows,
+            ", ".join(str(offsets[row].as_py()) for row, _ in failed[:10])
+            + (", ..." if len(failed) > 10 else ""), self.app.dead_letter_topic)
+        errors = [(int(rows_from[row]),
+                   f"dataflow {agent.flow.name!r} raised {type(exc).__name__}: {exc}")
+                  for row, exc in failed]
+        return outputs, errors
+
+    async def _dead_letter(self, tp, records, errors, codec_name,
+                           dataflow: str | None = None) -> list[asyncio.Future]:
         topic = self.app.dead_letter_topic
         futures = []
         for index, reason in errors:
@@ -454,6 +513,8 @@ class Worker:
                 ("sabot.partition", str(tp.partition).encode()),
                 ("sabot.offset", str(record.offset).encode()),
             ]
+            if dataflow is not None:
+                headers.append(("sabot.dataflow", dataflow.encode()))
             futures.append(await self.producer.send(
                 topic, value=record.value, key=record.key, headers=headers))
         logger.debug("sent %d dead letters from %s to %s", len(errors), format_tp(tp), topic)
@@ -487,8 +548,9 @@ class Worker:
             stats.produced, (stats.produced - produced_before) / elapsed,
             stats.dead_letters, "?" if lag < 0 else lag)
         if stats.dead_letters > self._dead_letters_logged:
-            logger.warning("dead letters so far: %d (messages that could not be decoded, "
-                           "in %s)", stats.dead_letters, self.app.dead_letter_topic)
+            logger.warning("dead letters so far: %d (messages that could not be decoded "
+                           "or processed, in %s)", stats.dead_letters,
+                           self.app.dead_letter_topic)
             self._dead_letters_logged = stats.dead_letters
         return now, stats.consumed, stats.produced
 

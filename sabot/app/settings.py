@@ -53,6 +53,12 @@ class Settings:
     compression_type: str | None = None
     #: Dead-letter topic; "{app_id}-dlq" when empty.
     dead_letter_topic: str = ""
+    #: What a dataflow's exception does. "stop" stops the worker without
+    #: committing the fetch. "dead-letter" runs the fetch again in halves
+    #: until the records that fail alone are found, then sends those to the
+    #: dead-letter topic and goes on. It applies to dataflows without
+    #: windows or tables; the others still stop.
+    dataflow_errors: str = "stop"
     #: Seconds between progress lines in the log; 0 turns them off.
     progress_interval: float = 5.0
     #: Seconds a graceful stop waits for in-flight batches before giving up.
@@ -92,6 +98,11 @@ class Settings:
         if self.fetcher not in ("arrow", "aiokafka"):
             raise ConfigError(
                 f"setting fetcher must be 'arrow' or 'aiokafka', got {self.fetcher!r}"
+            )
+        if self.dataflow_errors not in ("stop", "dead-letter"):
+            raise ConfigError(
+                f"setting dataflow_errors must be 'stop' or 'dead-letter', "
+                f"got {self.dataflow_errors!r}"
             )
         if self.acks not in (0, 1, "all", -1):
             raise ConfigError(f"setting acks must be 0, 1 or 'all', got {self.acks!r}")
