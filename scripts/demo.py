@@ -156,8 +156,12 @@ async def wait_until_committed(bootstrap: str, worker: subprocess.Popen,
         count = sum(min(done.get(p, 0), end) for p, end in ends.items())
         if count and first_progress is None:
             first_progress = time.monotonic()
-        say(f"committed {count:,}/{total:,} messages of {SOURCE} and {BY_ORIGIN} "
-            f"({count / total:.0%}), lag {total - count:,}")
+        if count:
+            say(f"committed {count:,}/{total:,} messages of {SOURCE} and {BY_ORIGIN} "
+                f"({count / total:.0%}), lag {total - count:,}")
+        else:
+            say(f"waiting for the worker to join its consumer group and commit "
+                f"(lag {total:,})")
         if all(done.get(p, 0) >= end for p, end in ends.items()):
             return time.monotonic() - (first_progress or started)
         await asyncio.sleep(1.0)
