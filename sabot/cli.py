@@ -108,8 +108,11 @@ def send(topic: str, broker: str | None, key_field: str | None, partitions: int)
               help="Stop after this many seconds without a message.")
 @click.option("--new-only", is_flag=True,
               help="Print only messages that arrive from now on.")
+@click.option("--headers", is_flag=True,
+              help="Add each message's headers as a fifth field (name=value; ...), "
+                   "for instance a dead letter's sabot.error.")
 def tail(topic: str, broker: str | None, count: int | None, idle_timeout: float | None,
-         new_only: bool) -> None:
+         new_only: bool, headers: bool) -> None:
     """Print TOPIC's messages as: partition, offset, key, value (tab-separated)."""
     import asyncio
 
@@ -117,7 +120,7 @@ def tail(topic: str, broker: str | None, count: int | None, idle_timeout: float 
 
     try:
         asyncio.run(tail_topic(_bootstrap(broker), topic, from_beginning=not new_only,
-                               count=count, idle_timeout=idle_timeout))
+                               count=count, idle_timeout=idle_timeout, headers=headers))
     except KeyboardInterrupt:
         pass
     except SabotError as exc:

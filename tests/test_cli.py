@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import pytest
 from sabot.app.loader import load_app
 from sabot.errors import ConfigError
 from sabot.kafka.broker import wait_for_broker_sync
+from tests.kafka_helpers import create_topic, produce
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,6 +130,20 @@ def test_send_then_tail(broker, topic, tmp_path):
     a_rows = [row for row in rows if row[2] == "a"]
     assert a_rows[0][0] == a_rows[1][0]
     assert int(a_rows[0][1]) < int(a_rows[1][1])
+
+
+@pytest.mark.broker
+async def test_tail_prints_headers(broker, topic):
+    await create_topic(broker, topic, 1)
+    await produce(broker, topic, [(b"k", b"v")],
+                  headers=[("sabot.error", b"invalid JSON"), ("empty", None)])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SABOT_BROKER=f"kafka://{broker}")
+    tailed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "sabot", "tail", topic, "--count", "1",
+                         "--headers"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert tailed.returncode == 0, tailed.stderr
+    assert tailed.stdout.splitlines() == ["0\t0\tk\tv\tsabot.error=invalid JSON; empty="]
 
 
 def test_send_rejects_line_without_key_field(tmp_path):

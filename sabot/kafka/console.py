@@ -64,12 +64,14 @@ async def send_lines(bootstrap: str, topic: str, lines: Iterable[bytes],
 
 async def tail_topic(bootstrap: str, topic: str, out: TextIO = sys.stdout,
                      from_beginning: bool = True, count: int | None = None,
-                     idle_timeout: float | None = None) -> int:
+                     idle_timeout: float | None = None, headers: bool = False) -> int:
     """Print messages of ``topic`` as ``partition offset key value`` lines.
 
-    Stops after ``count`` messages, after ``idle_timeout`` seconds without
-    one, or when cancelled. Reads without a consumer group, so nothing is
-    committed. Returns the number printed.
+    With ``headers``, each line ends with a fifth field: the headers as
+    ``name=value`` pairs joined by ``; ``. Stops after ``count`` messages,
+    after ``idle_timeout`` seconds without one, or when cancelled. Reads
+    without a consumer group, so nothing is committed. Returns the number
+    printed.
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -104,7 +106,12 @@ async def tail_topic(bootstrap: str, topic: str, out: TextIO = sys.stdout,
                     key = record.key.decode(errors="replace") if record.key is not None else "-"
                     value = record.value.decode(errors="replace") \
                         if record.value is not None else "-"
-                    out.write(f"{tp.partition}\t{record.offset}\t{key}\t{value}\n")
+                    line = f"{tp.partition}\t{record.offset}\t{key}\t{value}"
+                    if headers:
+                        line += "\t" + "; ".join(
+                            f"{name}={raw.decode(errors='replace') if raw is not None else ''}"
+                            for name, raw in record.headers)
+                    out.write(line + "\n")
                     printed += 1
                     if count is not None and printed >= count:
                         break
