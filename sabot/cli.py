@@ -135,7 +135,7 @@ def tail(topic: str, broker: str | None, count: int | None, idle_timeout: float 
 def broker(port: int, loglevel: str) -> None:
     """Run the embedded Kafka-compatible broker (Tansu, in memory) until Ctrl-C."""
     import signal
-    import threading
+    import time
 
     from sabot.kafka.broker import EmbeddedBroker, free_port
     from sabot.log import configure_logging
@@ -149,14 +149,16 @@ def broker(port: int, loglevel: str) -> None:
         sys.exit(1)
     click.echo(f"broker listening on {instance.url} (data is kept in memory); "
                f"Ctrl-C stops it", err=False)
-    stop = threading.Event()
+    received: list[int] = []
     # Explicit handlers, because a shell starts a background job with
     # SIGINT ignored, and Python's KeyboardInterrupt would then never come.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # They only append to a list: a threading.Event set from a handler can
+    # deadlock against the main thread's wait() on the same Event.
+    signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _: received.append(signum))
     try:
-        while not stop.is_set() and instance.process and instance.process.poll() is None:
-            stop.wait(0.5)
+        while not received and instance.process and instance.process.poll() is None:
+            time.sleep(0.2)
     finally:
         exited = instance.process is not None and instance.process.poll() is not None
         instance.stop()

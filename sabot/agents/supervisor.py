@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -91,7 +91,12 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.stop_signal: int | None = None
         self.exit_status: int | None = None
-        self._wake = threading.Event()
+        # The signal handlers wake the loop through a pipe. A threading.Event
+        # would deadlock: a handler that runs while the loop holds the
+        # Event's lock inside wait() blocks on that same lock.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "sabot", "worker", "-A", self.app_path,
@@ -113,14 +118,31 @@ class Supervisor:
             for child in self.children:
                 self._start(child)
             while self.stop_signal is None and self.exit_status is None:
-                self._wake.wait(self._next_timeout())
-                self._wake.clear()
+                self._wait(self._next_timeout())
                 self._check_children()
         finally:
             status = self._stop_all()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
         return status
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a signal handler wakes the loop or ``timeout`` seconds pass."""
+        ready, _, _ = select.select([self._wake_read], [], [], timeout)
+        if ready:
+            try:
+                while os.read(self._wake_read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop wakes anyway
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
@@ -129,10 +151,10 @@ class Supervisor:
             self.stop_signal = signum
         else:
             logger.warning("received %s again; already stopping", name)
-        self._wake.set()
+        self._wake()
 
     def _on_child_exit(self, signum: int, frame) -> None:
-        self._wake.set()
+        self._wake()
 
     def _next_timeout(self) -> float:
         waits = [child.restart_at - time.monotonic() for child in self.children
