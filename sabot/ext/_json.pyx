@@ -13,16 +13,18 @@ inferred as Arrow's reader infers them: a column is null until it has a
 value; numbers without a fraction or an exponent are int64, and a column
 with any other number is double; fields appear in the order they are first
 seen, and a row without a field has a null there. A column whose strings
-are all dates or date-times of the forms below is timestamp[s].
+are all dates or date-times of the forms "2024-01-31" and
+"2024-01-31T10:00:00" (with "T" or a space, and an optional "Z") is
+timestamp[s].
 
 What goes to the twin: nested objects and arrays, a column holding two
 kinds of value (a number and a string, say), a field given twice in one
 object, integers beyond int64, the literal ``-0``, a number too large for
-a double, strings that are not valid UTF-8 or that hold a lone surrogate
-escape, ISO 8601 strings other than "2024-01-31" and "2024-01-31T10:00:00" (with
-"T" or a space, and an optional "Z"), which Arrow's reader may read as
-timestamps, an explicit schema, and any input that
-is not well-formed JSON, whose error the reader reports.
+a double or one that rounds to zero, strings that are not valid UTF-8 or
+that hold a lone surrogate escape, other strings that start like a date
+("2024-"), which Arrow's reader may read as timestamps, an explicit
+schema, and any input that is not well-formed JSON, whose error the reader
+reports.
 """
 
 cimport numpy as cnp
