@@ -241,9 +241,10 @@ class Worker:
         if settings.fetcher == "arrow":
             self.fetcher = self._make_fetcher(sources)
             await self.fetcher.start()
+        # Logged before the group join, which logs the first assignment.
+        self._log_banner(sources, sinks)
         self.consumer.subscribe(sources, listener=_RebalanceListener(self))
         await self.consumer.start()
-        self._log_banner(sources, sinks)
         self.stats = Stats()
         self._task = asyncio.create_task(self._consume_loop(), name=f"sabot-{app.id}")
         if settings.progress_interval:
