@@ -39,7 +39,7 @@ def fast(compiled):
 
 @pytest.fixture
 def kernel(kernels):
-    """Each implementation in turn; None stands for the twin, which has no reader of its own."""
+    """Each implementation in turn: None means the twin, which has no reader of its own."""
     return None if kernels is _twins else _json_module()
 
 

@@ -87,10 +87,10 @@ def keep_types(decoded: Decoded,
             fields.append(known)
             columns.append(column)
             continue
-        merged = _merged_type(known, column)
+        merged = _merge(known, column)
         if merged is not None:
-            fields.append(known.with_type(merged))
-            columns.append(column if column.type == merged else column.cast(merged))
+            fields.append(known.with_type(merged.type))
+            columns.append(merged)
             continue
         # Every value present in this column has the other type.
         for row in np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False)).tolist():
@@ -114,8 +114,8 @@ def keep_types(decoded: Decoded,
             schema, True)
 
 
-def _merged_type(field: pa.Field, column: pa.Array) -> pa.DataType | None:
-    """Return the type both ``field`` and ``column`` cast to, or None if there is none."""
+def _merge(field: pa.Field, column: pa.Array) -> pa.Array | None:
+    """Return ``column`` cast to the type it shares with ``field``, or None if there is none."""
     try:
         merged = pa.unify_schemas(
             [pa.schema([field]), pa.schema([pa.field(field.name, column.type)])],
@@ -124,12 +124,11 @@ def _merged_type(field: pa.Field, column: pa.Array) -> pa.DataType | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
     if merged == column.type:
-        return merged
+        return column
     try:
-        column.cast(merged)
+        return column.cast(merged)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
-    return merged
 
 
 def type_reason(field: pa.Field, column: pa.Array, row: int, source: str) -> str:

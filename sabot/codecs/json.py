@@ -129,14 +129,14 @@ def _decode_slowly(values: list[bytes | None], bad: list[tuple[int, str]],
     # integers beyond int64, values that do not fit the schema): parse each
     # alone and merge the schemas.
     tables = []
-    kept = []
+    kept_rows = []
     for i in rows:
-        one = _parse([values[i]], schema)
-        if one is None:
+        single = _parse([values[i]], schema)
+        if single is None:
             bad.append((int(i), _row_reason(values[i], schema, source)))
         else:
-            tables.append(pa.Table.from_batches([one]))
-            kept.append(int(i))
+            tables.append(pa.Table.from_batches([single]))
+            kept_rows.append(int(i))
     bad.sort()
     if not tables:
         return Decoded(empty_batch(), without_rows(len(values), bad), bad)
@@ -145,7 +145,7 @@ def _decode_slowly(values: list[bytes | None], bad: list[tuple[int, str]],
     merged_schema = known if known is not None else tables[0].schema
     others = "earlier messages" if known is not None else "the other messages of the fetch"
     merged = []
-    for index, table in zip(kept, tables, strict=True):
+    for index, table in zip(kept_rows, tables, strict=True):
         try:
             merged_schema = pa.unify_schemas([merged_schema, table.schema],
                                              promote_options="permissive")
